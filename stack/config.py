@@ -7,6 +7,7 @@ repository root, optional) and by ``STACK_DIR`` for the state directory.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,9 @@ DEFAULTS: dict[str, dict[str, object]] = {
     "ferretdb": {"port": 27017},
     "spark": {"master": "local[*]"},
 }
+
+
+HEAP_RE = re.compile(r"[1-9][0-9]*[kKmMgG]")
 
 
 class StackConfigError(ValueError):
@@ -71,6 +75,10 @@ def load(path: str | os.PathLike[str] | None = None) -> StackConfig:
                         raise StackConfigError(
                             f"{path}: [stack.{key}] {k} = {v!r}: expected "
                             f"{type(services[key][k]).__name__}")
+                    if k == "heap" and not HEAP_RE.fullmatch(v):
+                        raise StackConfigError(
+                            f"{path}: [stack.{key}] heap = {v!r}: expected a JVM size "
+                            "such as '512m' or '1g'")
                     services[key][k] = v
             else:
                 raise StackConfigError(
@@ -79,4 +87,4 @@ def load(path: str | os.PathLike[str] | None = None) -> StackConfig:
     return StackConfig(dir=state_dir, services=services)
 
 
-__all__ = ["StackConfig", "StackConfigError", "load", "ROOT", "DEFAULTS"]
+__all__ = ["DEFAULTS", "ROOT", "StackConfig", "StackConfigError", "load"]

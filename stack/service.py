@@ -12,16 +12,25 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 from .config import StackConfig
+
+#: first line of each start in a service's log (see spawn, log_tail)
+START_MARK = "==== stack start"
 
 
 class Service:
     name: ClassVar[str]
     #: processes the service runs as (one pid file each): usually just [name]
     processes: ClassVar[tuple[str, ...]] = ()
+    #: seconds `stack up` waits for ready() after start() before it gives up
+    ready_timeout: ClassVar[float] = 120.0
+    #: False for a service with nothing to keep running (Spark's local master):
+    #: start() is a no-op and ready() only checks the install
+    daemon: ClassVar[bool] = True
 
     def __init__(self, cfg: StackConfig) -> None:
         self.cfg = cfg
@@ -46,6 +55,10 @@ class Service:
     def is_installed(self) -> bool:
         raise NotImplementedError
 
+    def ports(self) -> list[int]:
+        """Ports the service listens on; `up` refuses to start if one is taken."""
+        return [v for v in self.opts.values() if isinstance(v, int) and not isinstance(v, bool)]
+
     # -- shared plumbing ----------------------------------------------------
     @property
     def state(self) -> Path:
@@ -62,14 +75,26 @@ class Service:
 
     def spawn(self, argv: Sequence[str], *, proc: str | None = None,
               env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
-        """Start ``argv`` detached in its own session; log to the state dir."""
-        log = self.log_path(proc).open("ab")
+        """Start ``argv`` detached in its own session; log to the state dir.
+
+        A throw-away ``sh`` backgrounds the daemon and exits at once (the classic
+        double fork), so the daemon is not our child: it outlives the caller, and
+        the caller (say, a test that restarts the NameNode) holds no Popen whose
+        finalizer would warn "subprocess still running".
+        """
+        log = self.log_path(proc)
+        with log.open("ab") as fh:  # a header per start, so a tail shows which run
+            fh.write(f"\n{START_MARK} {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                     f"{' '.join(map(str, argv))}\n".encode())
         full_env = {**os.environ, **(env or {})}
-        p = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, env=full_env,
-                             cwd=str(cwd or self.state), start_new_session=True)
-        self.pid_path(proc).write_text(str(p.pid))
-        return p.pid
+        sh = subprocess.run(
+            ["/bin/sh", "-c", 'log="$1"; shift; "$@" >>"$log" 2>&1 </dev/null & echo $!',
+             "sh", str(log), *map(str, argv)],
+            env=full_env, cwd=str(cwd or self.state), start_new_session=True,
+            capture_output=True, text=True, check=True)
+        pid = int(sh.stdout.strip())
+        self.pid_path(proc).write_text(str(pid))
+        return pid
 
     def pids(self) -> dict[str, int]:
         out = {}
@@ -99,9 +124,36 @@ class Service:
         return total
 
     def stop(self, timeout: float = 30.0) -> None:
-        for proc, pid in reversed(list(self.pids().items())):
+        for proc in reversed(self.proc_names()):
+            self.stop_proc(proc, timeout)
+
+    def stop_proc(self, proc: str, timeout: float = 30.0) -> None:
+        """Stop one process of the service (SIGTERM, then SIGKILL after timeout)."""
+        pid = self.pids().get(proc)
+        if pid is not None:
             _terminate_group(pid, timeout)
-            self.pid_path(proc).unlink(missing_ok=True)
+        self.pid_path(proc).unlink(missing_ok=True)
+
+    def crashed(self) -> list[str]:
+        """Processes that were started (pid file present) but are no longer alive."""
+        alive = self.pids()
+        return [p for p in self.proc_names() if self.pid_path(p).exists() and p not in alive]
+
+    def log_tail(self, lines: int = 25, width: int = 400) -> str:
+        """The end of each process's log, from its latest start only."""
+        out = []
+        for proc in self.proc_names():
+            lp = self.log_path(proc)
+            if not lp.exists():
+                continue
+            with lp.open("rb") as fh:
+                fh.seek(max(0, lp.stat().st_size - 64 * 1024))
+                text = fh.read().decode(errors="replace").splitlines()
+            starts = [i for i, line in enumerate(text) if line.startswith(START_MARK)]
+            text = text[starts[-1]:] if starts else text
+            text = [t if len(t) <= width else t[:width] + " ..." for t in text[-lines:]]
+            out.append(f"--- last {len(text)} lines of {lp} ---\n" + "\n".join(text))
+        return "\n".join(out) or f"(no log under {self.state})"
 
 
 def _alive(pid: int) -> bool:
@@ -173,7 +225,7 @@ def java_home(min_version: int = 17) -> str:
 def _java_major(home: str) -> int:
     try:
         out = subprocess.run([f"{home}/bin/java", "-version"], capture_output=True,
-                             text=True, timeout=20).stderr
+                             text=True, timeout=20, check=False).stderr
         v = out.split('"')[1]
         return int(v.split(".")[0]) if not v.startswith("1.") else int(v.split(".")[1])
     except (OSError, IndexError, ValueError, subprocess.SubprocessError):

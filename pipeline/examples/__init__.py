@@ -1,0 +1,1 @@
+"""Small, runnable examples of handlers written against the public API."""
