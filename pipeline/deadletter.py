@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from .batch import Batch
+from .log import scrub
 
 __all__ = ["DEAD_LETTER_SCHEMA", "dead_letter_records", "describe_error", "json_safe"]
 
@@ -34,7 +35,7 @@ DEAD_LETTER_SCHEMA = pa.schema([
 def describe_error(error: BaseException | None) -> str | None:
     if error is None:
         return None
-    return f"{type(error).__name__}: {error}"
+    return scrub(f"{type(error).__name__}: {error}")
 
 
 def json_safe(value: Any) -> Any:
