@@ -151,7 +151,7 @@ class Cassandra(Service):
         conf = self.state / "conf"
         data = self.state / "data"
         logs = self.state / "logs"
-        for d in (conf, data, logs):
+        for d in (conf, conf / "triggers", data, logs):
             d.mkdir(parents=True, exist_ok=True)
         (conf / "cassandra.yaml").write_text(YAML.format(
             cluster=CLUSTER, port=self.opts["port"], storage_port=self.opts["storage_port"],
@@ -178,6 +178,7 @@ class Cassandra(Service):
             f"-Dlogback.configurationFile=file://{conf}/logback.xml",
             f"-Dcassandra.storagedir={data}",
             f"-Dcassandra.logdir={logs}",
+            f"-Dcassandra.triggers_dir={conf / 'triggers'}",
             # One node that is its own seed: nothing to gossip with, nothing to stream.
             "-Dcassandra.skip_wait_for_gossip_to_settle=0",
             "-Dcassandra.ring_delay_ms=1000",

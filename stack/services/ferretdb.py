@@ -23,7 +23,8 @@ from typing import TypeVar
 from ..service import Service
 
 MODULE = "github.com/FerretDB/FerretDB"
-# v1.24.0 is not served by the Go module proxy; 1.24.2 is the last 1.x release.
+# The newest 1.24 patch release. (FerretDB 2.x is the module .../FerretDB/v2 and
+# needs PostgreSQL with DocumentDB: it has no SQLite backend.)
 VERSION = "v1.24.2"
 
 T = TypeVar("T")
