@@ -36,7 +36,7 @@ test: up
 	@$(VPY) -m pytest $(PYTEST_ARGS)
 
 demo: up
-	@$(VPY) -m pipeline.demo $(if $(ONCE),--once,)
+	@$(VPY) -m stack.demo $(if $(ONCE),--once,)
 
 lint: venv
 	@$(VPY) -m ruff check .

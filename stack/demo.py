@@ -1,0 +1,234 @@
+"""`make demo`: the whole pipeline on the local stack, from recordings to diagnoses.
+
+    python -m stack.demo [--settings settings.toml] [--once] [--limit N] [--speed 0]
+
+Steps (the stack is already up: ``make demo`` runs ``python -m stack up`` first):
+
+1. the dataset: ``$GAITPDB_DIR``, or a copy downloaded from PhysioNet and
+   verified into ``.stack/data/gaitpdb`` when the variable is unset;
+2. the model: reuses ``artifacts/model`` when it exists, trains it otherwise;
+3. starts the model server and the pipeline (``run.py``), waits until ready;
+4. replays the recordings over MQTT as insole devices;
+5. waits until every recording has its diagnosis in MongoDB, then prints the
+   summary: recordings, diagnoses, the recording-level confusion matrix against
+   the true labels, timings and the dashboard's URL;
+6. keeps running until Ctrl-C (``--once``: stops after the summary).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from .config import ROOT
+
+PY = sys.executable
+
+
+def step(msg: str) -> None:
+    print(f"\n== {msg}", flush=True)
+
+
+def dataset(args: argparse.Namespace) -> Path:
+    env = os.environ.get("GAITPDB_DIR")
+    if env:
+        return Path(env)
+    dest = ROOT / ".stack" / "data" / "gaitpdb"
+    if not (dest / "SHA256SUMS").exists() and not (dest / "SHA256SUMS.txt").exists():
+        step(f"GAITPDB_DIR is unset: downloading gaitpdb from PhysioNet into {dest}")
+        from ml.data import download
+        download(dest)
+    return dest
+
+
+def ensure_model(data: Path, model_dir: Path) -> None:
+    if (model_dir / "model.json").exists():
+        print(f"reusing the trained model in {model_dir}")
+        return
+    step(f"training the model on {data} (subject-wise cross-validation)")
+    subprocess.run([PY, "-m", "ml.train", "--data", str(data), "--out", str(model_dir)],
+                   check=True, cwd=ROOT)
+
+
+def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    fh = log.open("ab")
+    return subprocess.Popen(argv, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+async def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path,
+                    timeout: float = 120.0) -> None:
+    import aiohttp
+
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = log.read_text(errors="replace").splitlines()[-20:]
+                raise SystemExit(f"error: {' '.join(proc.args)} exited with {proc.returncode}:\n"
+                                 + "\n".join(tail))
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with http.get(url, timeout=aiohttp.ClientTimeout(total=2)) as r:
+                    if r.status == 200:
+                        return
+            await asyncio.sleep(0.5)
+    raise SystemExit(f"error: {url} not ready after {timeout:.0f} s (log: {log})")
+
+
+async def wait_diagnoses(mongo_url: str, db: str, coll: str, expected: set[str],
+                         timeout: float) -> dict[str, dict]:
+    from pymongo import AsyncMongoClient
+
+    client = AsyncMongoClient(mongo_url)
+    try:
+        deadline = time.monotonic() + timeout
+        found: dict[str, dict] = {}
+        last = -1
+        while time.monotonic() < deadline:
+            docs = await client[db][coll].find({"_id": {"$in": sorted(expected)}}).to_list()
+            found = {d["_id"]: d for d in docs}
+            if len(found) != last:
+                last = len(found)
+                print(f"\rdiagnoses written: {len(found)}/{len(expected)}", end="", flush=True)
+            if len(found) >= len(expected):
+                break
+            await asyncio.sleep(1.0)
+        print()
+        return found
+    finally:
+        await client.close()
+
+
+def confusion(found: dict[str, dict]) -> str:
+    cells = {(t, p): 0 for t in ("control", "parkinson") for p in ("control", "parkinson")}
+    for rec, doc in found.items():
+        truth = "parkinson" if rec[2:4] == "Pt" else "control"
+        cells[(truth, doc["label"])] += 1
+    tp, tn = cells[("parkinson", "parkinson")], cells[("control", "control")]
+    fn, fp = cells[("parkinson", "control")], cells[("control", "parkinson")]
+    sens = tp / (tp + fn) if tp + fn else float("nan")
+    spec = tn / (tn + fp) if tn + fp else float("nan")
+    return (f"                    predicted control  predicted parkinson\n"
+            f"  true control      {tn:>17}  {fp:>19}\n"
+            f"  true parkinson    {fn:>17}  {tp:>19}\n"
+            f"  sensitivity {sens:.3f}  specificity {spec:.3f}  "
+            f"balanced accuracy {(sens + spec) / 2:.3f}")
+
+
+def handler_setting(doc: dict, type_name: str, key: str, default: object) -> object:
+    for section in doc.get("handlers", {}).values():
+        if section.get("type") == type_name:
+            return section.get(key, default)
+    return default
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    t0 = time.monotonic()
+    timings: dict[str, float] = {}
+    settings = Path(args.settings)
+    doc = tomllib.loads(settings.read_text())
+    admin_port = doc.get("runtime", {}).get("admin_port", 8080)
+    logs = ROOT / ".stack" / "demo"
+
+    data = dataset(args)
+    from ml.data import list_recordings
+    table = list_recordings(data)
+    if args.limit:
+        table = table.head(args.limit)
+    expected = set(table["id"])
+
+    t = time.monotonic()
+    model_dir = Path(args.model)
+    ensure_model(data, model_dir)
+    timings["model"] = time.monotonic() - t
+
+    step("starting the model server and the pipeline")
+    t = time.monotonic()
+    server = spawn([PY, "-m", "ml.serve", "--model", str(model_dir), "--host", "127.0.0.1",
+                    "--port", str(args.model_port)], logs / "model-server.log")
+    procs = [server]
+    try:
+        await wait_http(f"http://127.0.0.1:{args.model_port}/healthz", server,
+                        logs / "model-server.log")
+        pipeline = spawn([PY, "run.py", "--settings", str(settings)], logs / "pipeline.log")
+        procs.append(pipeline)
+        await wait_http(f"http://127.0.0.1:{admin_port}/readyz", pipeline, logs / "pipeline.log")
+        timings["start"] = time.monotonic() - t
+        print(f"model server :{args.model_port}, pipeline admin :{admin_port} (logs in {logs})")
+
+        step(f"replaying {len(expected)} recordings over MQTT")
+        t = time.monotonic()
+        replay = [PY, "-m", "stack.replay", "--data", str(data), "--speed", str(args.speed),
+                  "--recordings", ",".join(sorted(expected))]
+        rc = await (await asyncio.create_subprocess_exec(*replay, cwd=ROOT)).wait()
+        if rc != 0:
+            raise SystemExit(f"error: the replay exited with {rc}")
+        timings["replay"] = time.monotonic() - t
+
+        step("waiting for every recording's diagnosis")
+        t = time.monotonic()
+        mongo_url = handler_setting(doc, "mongo_sink", "url", "mongodb://127.0.0.1:27017")
+        db = handler_setting(doc, "mongo_sink", "database", "gaitflow")
+        coll = handler_setting(doc, "mongo_sink", "collection", "diagnoses")
+        found = await wait_diagnoses(str(mongo_url), str(db), str(coll), expected,
+                                     timeout=args.timeout)
+        timings["diagnose"] = time.monotonic() - t
+        timings["total"] = time.monotonic() - t0
+
+        step("summary")
+        rows = sum(int(d.get("n_windows", 0)) for d in found.values())
+        print(f"recordings replayed     {len(expected)}")
+        print(f"diagnoses in MongoDB    {len(found)}  (windows scored: {rows})")
+        missing = sorted(expected - set(found))
+        if missing:
+            print(f"MISSING diagnoses       {', '.join(missing[:10])}"
+                  f"{' ...' if len(missing) > 10 else ''}")
+        versions = sorted({str(d.get("model_version")) for d in found.values()})
+        print(f"model version(s)        {', '.join(versions)}")
+        print("recording-level confusion matrix (true labels from the file names):")
+        print(confusion(found))
+        print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+        print(f"dashboard               http://127.0.0.1:{admin_port}/")
+        if missing:
+            return 1
+        if args.once:
+            return 0
+        print("\nthe pipeline keeps running; Ctrl-C stops it")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        return 0
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m stack.demo", description=__doc__.split("\n")[0])
+    ap.add_argument("--settings", default=str(ROOT / "settings.toml"))
+    ap.add_argument("--model", default=str(ROOT / "artifacts" / "model"))
+    ap.add_argument("--model-port", type=int, default=8090)
+    ap.add_argument("--limit", type=int, help="replay only the first N recordings")
+    ap.add_argument("--speed", type=float, default=0.0, help="replay speed (0 = as fast as possible)")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for diagnoses")
+    ap.add_argument("--once", action="store_true", help="stop after the summary")
+    return asyncio.run(main_async(ap.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
