@@ -28,7 +28,7 @@ PENDING, DONE, FAILED = "pending", "done", "failed"
 class AckNode:
     """Reference-counted completion of one batch and everything derived from it."""
 
-    __slots__ = ("_refs", "_parents", "state", "error", "_on_settled")
+    __slots__ = ("_on_settled", "_parents", "_refs", "error", "state")
 
     def __init__(
         self,
@@ -81,7 +81,7 @@ class AckNode:
 
 
 class _Entry:
-    __slots__ = ("token", "opened", "node")
+    __slots__ = ("node", "opened", "token")
 
     def __init__(self, token: Any, opened: float, node: AckNode) -> None:
         self.token = token

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 import importlib
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from aiohttp import web
 
@@ -19,10 +19,13 @@ if TYPE_CHECKING:
     from .config import RuntimeSettings
     from .runtime import Runtime
 
-__all__ = ["RUNTIME_KEY", "AdminServer", "create_admin_app"]
+__all__ = ["PUBLIC_PATHS_KEY", "RUNTIME_KEY", "AdminServer", "create_admin_app"]
 
 RUNTIME_KEY: web.AppKey[Runtime] = web.AppKey("gaitflow_runtime")
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+#: paths an extension serves without the token (page shells and static assets, never
+#: data): exact paths, or prefixes written with a trailing "*" ("/dashboard/static/*")
+PUBLIC_PATHS_KEY: web.AppKey[set[str]] = web.AppKey("gaitflow_public_paths", set)
 log = get_logger(component="admin")
 
 
@@ -37,7 +40,7 @@ def _auth_middleware(token: str) -> Any:
 
     @web.middleware
     async def check(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path not in PUBLIC_PATHS:
+        if not _is_public(request):
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
                 return web.json_response({"error": "unauthorized"}, status=401,
@@ -45,6 +48,14 @@ def _auth_middleware(token: str) -> Any:
         return await handler(request)
 
     return check
+
+
+def _is_public(request: web.Request) -> bool:
+    path = request.path
+    if path in PUBLIC_PATHS:
+        return True
+    return any(path == entry or (entry.endswith("*") and path.startswith(entry[:-1]))
+               for entry in request.app.get(PUBLIC_PATHS_KEY, ()))
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -79,6 +90,7 @@ def create_admin_app(runtime: Runtime, token: str | None = None,
     middlewares = [_auth_middleware(token)] if token else []
     app = web.Application(middlewares=middlewares)
     app[RUNTIME_KEY] = runtime
+    app[PUBLIC_PATHS_KEY] = set()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
@@ -99,7 +111,7 @@ class AdminServer:
         self._runner: web.AppRunner | None = None
         self.url: str | None = None
 
-    async def __aenter__(self) -> AdminServer:
+    async def __aenter__(self) -> Self:
         s = self.settings
         token = s.admin_token.get() if s.admin_token else None
         app = create_admin_app(self.runtime, token, s.admin_extensions)

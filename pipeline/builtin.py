@@ -55,7 +55,8 @@ class MemorySource(Source):
 
     async def start(self) -> None:
         if self.settings.ack_log is not None:
-            self._ack_file = open(self.settings.ack_log, "a", encoding="utf-8")  # noqa: SIM115
+            self._ack_file = await asyncio.to_thread(open, self.settings.ack_log, "a",
+                                                   encoding="utf-8")
 
     async def run(self) -> None:
         s = self.settings
@@ -68,10 +69,12 @@ class MemorySource(Source):
             if s.interval:
                 await asyncio.sleep(s.interval)
         seq, end = s.start, s.start + s.count
+        schema = pa.schema([(s.key, pa.int64()), ("value", pa.float64())])
         while s.forever or seq < end:
             n = s.batch_size if s.forever else min(s.batch_size, end - seq)
             ids = np.arange(seq, seq + n, dtype=np.int64)
-            batch = pa.record_batch({s.key: ids, "value": ids * 0.5})
+            batch = pa.RecordBatch.from_arrays([pa.array(ids), pa.array(ids * 0.5)],
+                                               schema=schema)
             await self.emit(batch, key=s.key, token=("seq", seq, n))
             self.emitted += 1
             seq += n
@@ -158,7 +161,7 @@ class LogSink(Sink):
 
 @dataclasses.dataclass(frozen=True)
 class JsonlSinkSettings:
-    path: Path = setting(doc="file to append JSON lines to (created with its directory)")
+    path: Path = setting(doc="file to append JSON lines to; its directory is created")
     fsync: bool = setting(False, doc="fsync after each batch before committing it")
 
 
@@ -174,7 +177,7 @@ class JsonlSink(Sink):
     async def start(self) -> None:
         path = Path(self.settings.path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._file = await asyncio.to_thread(open, path, "a", encoding="utf-8")
 
     async def write(self, batch: Batch) -> None:
         lines = "".join(json.dumps(json_safe(row), default=str, ensure_ascii=False) + "\n"

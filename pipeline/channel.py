@@ -89,8 +89,7 @@ class _State(Generic[T]):
         self.stats.sent += 1
         depth = len(self.buffer)
         self.stats.depth = depth
-        if depth > self.stats.max_depth:
-            self.stats.max_depth = depth
+        self.stats.max_depth = max(self.stats.max_depth, depth)
         self._wake_one(self.getters)
 
     async def get(self) -> T:
@@ -108,7 +107,7 @@ class _State(Generic[T]):
 class Sender(Generic[T]):
     """The sending end. ``close()`` it when done; ``clone()`` it for another producer."""
 
-    __slots__ = ("_state", "_closed")
+    __slots__ = ("_closed", "_state")
 
     def __init__(self, state: _State[T]) -> None:
         self._state = state

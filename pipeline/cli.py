@@ -103,7 +103,7 @@ async def _serve(config: PipelineConfig) -> int:
     return 0 if report.ok else 1
 
 
-def _loop_factory(config: PipelineConfig):  # noqa: ANN202 - a loop factory or None
+def _loop_factory(config: PipelineConfig):
     if not config.runtime.uvloop:
         return None
     try:

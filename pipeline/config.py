@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
+from .document import apply_overrides, interpolate, read_toml
 from .log import register_secret
 from .plugins import COMMON_KEYS, PluginError, Registry, UnknownHandlerType
 from .retry import RetryPolicy
@@ -19,10 +20,7 @@ from .settings import (
     Issue,
     Secret,
     SettingsError,
-    apply_overrides,
     build,
-    interpolate,
-    read_toml,
     setting,
     suggest,
 )

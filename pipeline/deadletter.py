@@ -98,6 +98,7 @@ def dead_letter_records(
     n = len(encoded)
     now = int(time.time() * 1000)
     exception = describe_error(error)
+    reason = scrub(reason)
     return pa.Table.from_pydict({
         "time": [now] * n,
         "handler": [handler] * n,

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+
 from .config import PipelineConfig
 from .handler import Processor, Sink, Source
-from .settings import MISSING, Issue, SettingsError, suggest
+from .settings import NO_VALUE, Issue, SettingsError, suggest
 
 __all__ = ["Edge", "Graph", "GraphError"]
 
@@ -131,7 +132,7 @@ class Graph:
                       f"unknown dead-letter target{suggest(dl, names)}")
             if (issubclass(cls, (Processor, Sink)) and not self.upstream(name)
                     and name not in self.dead_letter_targets):
-                issue(name, None, MISSING, "another handler's "
+                issue(name, None, NO_VALUE, "another handler's "
                       f'outputs to include "{name}", or this handler used as dead_letter target',
                       "nothing sends to this handler")
         target = self.config.dead_letter.target
@@ -156,7 +157,7 @@ class Graph:
                       'or on_failure = "stop"', "no dead-letter target is configured")
         cycle = self.find_cycle()
         if cycle:
-            issues.append(Issue(self.file, f"handlers.{cycle[0]}", "outputs", MISSING, "an acyclic graph",
+            issues.append(Issue(self.file, f"handlers.{cycle[0]}", "outputs", NO_VALUE, "an acyclic graph",
                                 "cycle: " + " -> ".join(cycle)))
         if issues:
             raise GraphError(issues)
@@ -194,8 +195,8 @@ class Graph:
         return getattr(cls, "kind", "handler")
 
     def render_text(self) -> str:
-        lines = [f"pipeline {self.file}: {len(self.handlers)} handlers, {len(self.edges)} "
-                 "connections"]
+        lines = [(f"pipeline {self.file}: {len(self.handlers)} handlers, {len(self.edges)} "
+                 "connections")]
         for name in reversed(self.start_order()):
             h = self.handlers[name]
             head = f"  {name} ({self._kind(name)}, {h.type})"

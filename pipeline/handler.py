@@ -49,7 +49,7 @@ current_parent: contextvars.ContextVar[tuple[AckNode, Batch | None] | None] = (
 _INHERIT: Any = object()
 
 
-class Reject(Exception):  # noqa: N818 - reads as a verb: raise Reject("bad payload")
+class Reject(Exception):
     """Permanent failure: never retried; the rows go straight to dead letter.
 
     ``rows`` (positions in the batch) limits the rejection to those rows; the
@@ -62,7 +62,7 @@ class Reject(Exception):  # noqa: N818 - reads as a verb: raise Reject("bad payl
         self.rows = list(rows) if rows is not None else None
 
 
-class PartialFailure(Exception):  # noqa: N818 - mirrors Reject
+class PartialFailure(Exception):
     """Transient failure of some rows: the others are committed, these are retried.
 
     After the retry policy's last attempt, the remaining rows go to dead letter
@@ -184,7 +184,7 @@ class Handler:
 class Deferred:
     """A commit a sink promised to make later (after a buffered flush)."""
 
-    __slots__ = ("_handler", "batch", "_open")
+    __slots__ = ("_handler", "_open", "batch")
 
     def __init__(self, handler: Handler, batch: Batch) -> None:
         self._handler = handler

@@ -13,7 +13,7 @@ from .settings import Secret
 __all__ = ["EventLogger", "configure_logging", "get_logger", "redact", "register_secret", "scrub"]
 
 _SECRET_KEY = re.compile(r"pass(word)?|secret|token|credential|api_?key|private|authorization",
-                         re.I)
+                         re.IGNORECASE)
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:]+:[^/@\s]+@")
 _PLAIN = re.compile(r"^[A-Za-z0-9_.:/@+-]+$")
 
@@ -76,14 +76,13 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         value = round(value, 6)
     text = value if isinstance(value, str) else json.dumps(value, default=str)
-    text = text.replace("\n", "\\n")
     return text if text and _PLAIN.match(text) else json.dumps(text, ensure_ascii=False)
 
 
 class EventLogger:
     """``log.info("handler.started", handler="mqtt", elapsed_ms=12)`` → one line."""
 
-    __slots__ = ("_logger", "_bound")
+    __slots__ = ("_bound", "_logger")
 
     def __init__(self, name: str = ROOT, **bound: Any) -> None:
         self._logger = logging.getLogger(name)

@@ -51,7 +51,7 @@ class _Value:
 
 
 class _Histogram:
-    __slots__ = ("buckets", "counts", "sum", "count")
+    __slots__ = ("buckets", "count", "counts", "sum")
 
     def __init__(self, buckets: Sequence[float]) -> None:
         self.buckets = tuple(buckets)
@@ -167,6 +167,7 @@ class HandlerMetrics:
         self._batches_out = r.family("batches_out", "Batches emitted", "counter",
                                      ["handler", "output"])
         self._rows_out = r.family("rows_out", "Rows emitted", "counter", ["handler", "output"])
+        self._out: dict[str, tuple[Any, Any]] = {}
         self.errors = r.family("errors", "Failed attempts (exceptions) while handling",
                                "counter", ["handler"]).labels(handler)
         self.retries = r.family("retries", "Retried attempts", "counter",
@@ -179,8 +180,12 @@ class HandlerMetrics:
                                 "histogram", ["handler"]).labels(handler)
 
     def out(self, output: str, rows: int) -> None:
-        self._batches_out.labels(self.handler, output).inc()
-        self._rows_out.labels(self.handler, output).inc(rows)
+        pair = self._out.get(output)
+        if pair is None:
+            pair = self._out[output] = (self._batches_out.labels(self.handler, output),
+                                        self._rows_out.labels(self.handler, output))
+        pair[0].value += 1
+        pair[1].value += rows
 
     # -- for handler authors -------------------------------------------------
     def counter(self, name: str, doc: str = "") -> Any:

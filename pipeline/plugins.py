@@ -39,7 +39,7 @@ class PluginError(Exception):
         super().__init__(f"handler plugin {plugin!r} ({origin}): {problem}")
 
 
-class UnknownHandlerType(LookupError):  # noqa: N818 - a lookup miss, not an "error" proper
+class UnknownHandlerType(LookupError):
     def __init__(self, name: str, known: Iterable[str]) -> None:
         self.name = name
         known = sorted(known)
@@ -77,7 +77,8 @@ def validate_handler(cls: Any, plugin: str, origin: str) -> type[Handler]:
     try:
         inspect.signature(fn).bind(*([None] * (nargs + 1)))
     except TypeError:
-        raise fail(f"{method}{inspect.signature(fn)} has the wrong signature: expected "
+        found = inspect.signature(fn).replace(return_annotation=inspect.Signature.empty)
+        raise fail(f"{method}{found} has the wrong signature: expected "
                    f"'async def {method}(self{', batch' if nargs else ''})'") from None
     for hook in _OPTIONAL_ASYNC:
         impl = getattr(cls, hook, None)
@@ -157,7 +158,7 @@ class Registry:
             origin = f"type = {name!r}"
             try:
                 cls = _import(name)
-            except Exception as exc:  # noqa: BLE001 - any import failure is the plugin's
+            except Exception as exc:
                 raise PluginError(name, origin,
                                   f"cannot be imported: {type(exc).__name__}: {exc}") from exc
             self._types[name] = validate_handler(cls, name, origin)
@@ -169,7 +170,7 @@ class Registry:
         origin = self._ep_origin(ep)
         try:
             cls = ep.load()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise PluginError(name, origin,
                               f"cannot be loaded: {type(exc).__name__}: {exc}") from exc
         self.register(name, cls, origin=origin)

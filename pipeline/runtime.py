@@ -15,7 +15,7 @@ import os
 import time
 import types
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Self
 
 from .acks import AckTracker
 from .batch import Batch
@@ -37,12 +37,13 @@ class StartError(Exception):
     """A handler could not be constructed or started; the others were closed."""
 
     def __init__(self, handler: str, type_name: str, cause: BaseException,
-                 cleanup_errors: Iterable[str] = ()) -> None:
+                 cleanup_errors: Iterable[str] = (), *, what: str | None = None) -> None:
         self.handler, self.cause = handler, cause
         self.cleanup_errors = list(cleanup_errors)
-        text = f"handler {handler!r} ({type_name}) failed to start: {type(cause).__name__}: {cause}"
+        what = what or f"handler {handler!r} ({type_name})"
+        text = f"{what} failed to start: {type(cause).__name__}: {cause}"
         if isinstance(cause, TimeoutError) and not str(cause):
-            text = f"handler {handler!r} ({type_name}) failed to start: timed out"
+            text = f"{what} failed to start: timed out"
         for err in self.cleanup_errors:
             text += f"\n  while closing the others: {err}"
         super().__init__(scrub(text))
@@ -72,7 +73,7 @@ class Runtime:
             h = config.handlers[name]
             try:
                 instances[name] = h.cls(name, h.settings)
-            except Exception as exc:  # noqa: BLE001 - reported with the handler's name
+            except Exception as exc:
                 raise StartError(name, h.type, exc) from exc
         # frozen: the set of handlers never changes once built
         self.handlers: Mapping[str, Handler] = types.MappingProxyType(instances)
@@ -262,7 +263,7 @@ class Runtime:
             self._main.result()  # raises the start error
             raise RuntimeError("the runtime stopped before it was ready")
 
-    async def __aenter__(self) -> Runtime:
+    async def __aenter__(self) -> Self:
         self._ready_event = asyncio.Event()
         self._main = asyncio.create_task(self.run(), name="gaitflow-runtime")
         await self.wait_ready()
@@ -274,6 +275,15 @@ class Runtime:
         self.report = await self._main
 
     # -- the run ----------------------------------------------------------------------
+    async def run_until_idle(self, timeout: float = 30.0) -> RunReport:
+        """The deterministic test mode: ``run()`` for finite sources, bounded in time.
+
+        Returns once every source is exhausted, every channel is empty and every
+        acknowledgement settled; raises TimeoutError if that takes over ``timeout``.
+        """
+        async with asyncio.timeout(timeout):
+            return await self.run()
+
     async def run(self) -> RunReport:
         """Start, run until the sources are exhausted or stop is requested, drain, close."""
         if self.state != "created":
@@ -291,7 +301,13 @@ class Runtime:
         if self.settings.admin_enabled:
             from .admin import AdminServer  # aiohttp is only imported when serving
             admin = AdminServer(self, self.settings)
-            await admin.__aenter__()
+            try:
+                await admin.__aenter__()
+            except Exception as exc:
+                self.state = "stopped"
+                where = f"{self.settings.admin_host}:{self.settings.admin_port}"
+                raise StartError("admin", "admin", exc,
+                                 what=f"the admin server on {where}") from exc
             self.admin_url = admin.url
         try:
             started = await self._start_all()
@@ -323,8 +339,10 @@ class Runtime:
             self.phase[name] = "starting"
             t0 = time.monotonic()
             try:
-                async with asyncio.timeout(self.settings.start_timeout):
-                    await h.start()
+                if not await self._start_one(h):
+                    self.phase[name] = "cancelled"
+                    log.info("handler.start_cancelled", handler=name, reason=self.stopped_by)
+                    break
             except (Exception, asyncio.CancelledError) as exc:
                 self.phase[name] = "failed"
                 log.error("handler.start_failed", handler=name, type=type_name,
@@ -340,6 +358,26 @@ class Runtime:
             log.info("handler.started", handler=name, type=type_name,
                      elapsed_ms=round((time.monotonic() - t0) * 1000, 1))
         return started
+
+    async def _start_one(self, h: Handler) -> bool:
+        """Start ``h``; False if a stop was requested meanwhile (the start is cancelled)."""
+        assert self._stop_event is not None
+        start = asyncio.ensure_future(h.start())
+        stop = asyncio.ensure_future(self._stop_event.wait())
+        try:
+            done, _ = await asyncio.wait([start, stop], timeout=self.settings.start_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not start.done():
+                start.cancel()
+                await asyncio.gather(start, return_exceptions=True)
+        if start in done:
+            start.result()  # the handler's own error, if any
+            return True
+        if self._stop_requested:
+            return False
+        raise TimeoutError
 
     async def _run_started(self) -> bool:
         assert self._stop_event is not None and self._ready_event is not None

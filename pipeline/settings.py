@@ -1,4 +1,4 @@
-"""Typed settings: schemas as dataclasses, TOML loading, ``${VAR}`` interpolation, overrides.
+"""Typed settings: schemas as dataclasses, validated value by value.
 
 A schema is a ``@dataclass`` whose fields are declared with :func:`setting`
 (default, doc, secret, bounds, choices). :func:`build` turns one TOML table into
@@ -12,9 +12,7 @@ import dataclasses
 import difflib
 import enum
 import json
-import os
 import re
-import tomllib
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,22 +20,29 @@ from pathlib import Path, PurePath
 from typing import Any, Literal, Union
 
 __all__ = [
+    "NO_VALUE",
     "Issue",
     "Secret",
     "SettingsError",
     "Text",
-    "apply_overrides",
     "build",
     "check_schema",
     "describe_schema",
     "describe_type",
-    "interpolate",
-    "read_toml",
     "setting",
 ]
 
 _MISSING: Any = dataclasses.MISSING
-_SECRET_NAME = re.compile(r"pass(word)?|secret|token|credential|api_?key|private", re.I)
+
+
+class _NoValue:
+    def __repr__(self) -> str:
+        return "<no value>"
+
+
+#: an Issue about a key that has no value (missing key, whole section...)
+NO_VALUE: Any = _NoValue()
+_SECRET_NAME = re.compile(r"pass(word)?|secret|token|credential|api_?key|private", re.IGNORECASE)
 
 
 class Secret:
@@ -78,8 +83,8 @@ def setting(
     *,
     doc: str = "",
     secret: bool = False,
-    min: float | None = None,  # noqa: A002 - reads naturally in schemas
-    max: float | None = None,  # noqa: A002
+    min: float | None = None,
+    max: float | None = None,
     choices: Sequence[Any] | None = None,
 ) -> Any:
     """Declare a settings field. No default means the key is required."""
@@ -100,22 +105,21 @@ class Issue:
     file: str
     section: str
     key: str | None
-    value: Any = _MISSING
+    value: Any = NO_VALUE
     expected: str = ""
     problem: str = ""
     secret: bool = False
 
     def __str__(self) -> str:
-        text = f"{self.file}:"
-        if self.section:
-            text += f" [{self.section}]"
+        where = [f"[{self.section}]"] if self.section else []
         if self.key:
-            text += f" {self.key}"
-        if self.value is not _MISSING:
-            text += f" = {show(self.value, self.secret or _looks_secret(self.key))}"
+            where.append(self.key)
+        if self.value is not NO_VALUE:
+            where.append(f"= {show(self.value, self.secret or _looks_secret(self.key))}")
         parts = [p for p in (self.problem, f"expected {self.expected}" if self.expected else "")
                  if p]
-        return f"{text}: {'; '.join(parts)}"
+        head = " ".join([f"{self.file}:", *where])
+        return f"{head}: {'; '.join(parts)}" if where else f"{head} {'; '.join(parts)}"
 
 
 class SettingsError(ValueError):
@@ -192,6 +196,8 @@ def _describe(tp: Any) -> str:
 
 
 def _plural(text: str) -> str:
+    if " or " in text:
+        return f"values that are each {text}"
     for article in ("an ", "a "):
         if text.startswith(article):
             word, _, rest = text[len(article):].partition(" ")
@@ -284,7 +290,7 @@ class _Builder:
                     kwargs[name] = value
             elif f.default is _MISSING and f.default_factory is _MISSING:
                 doc = meta.get("doc")
-                self.fail(f"{prefix}{name}", _MISSING,
+                self.fail(f"{prefix}{name}", NO_VALUE,
                           describe_type(hints.get(name, Any), meta) + (f" ({doc})" if doc else ""),
                           "missing")
         if len(self.issues) > before:
@@ -292,7 +298,7 @@ class _Builder:
         try:
             return cls(**kwargs)
         except (ValueError, TypeError) as exc:
-            self.fail(key_name or "", _MISSING, "", str(exc))
+            self.fail(key_name or "", NO_VALUE, "", str(exc))
             return _MISSING
 
     def convert(self, value: Any, tp: Any, meta: Mapping[str, Any], key: str) -> Any:
@@ -421,101 +427,3 @@ def build(cls: Any, table: Mapping[str, Any], *, file: str, section: str,
 
 
 MISSING = _MISSING
-
-
-# --------------------------------------------------------------------------- documents
-def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse a TOML file; a syntax error becomes a SettingsError naming file and line."""
-    file = str(path)
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise SettingsError([Issue(file, "", None, problem="file not found")]) from None
-    except tomllib.TOMLDecodeError as exc:
-        text = str(exc)
-        match = re.search(r"Cannot declare \('handlers', '([^']+)'\) twice", text)
-        if match:
-            problem = f"duplicate handler name {match.group(1)!r} ({text})"
-            raise SettingsError([Issue(file, f"handlers.{match.group(1)}", None,
-                                       problem=problem)]) from None
-        raise SettingsError([Issue(file, "", None, problem=f"invalid TOML: {text}")]) from None
-
-
-def split_path(path: Sequence[str]) -> tuple[str, str]:
-    """``(section, key)`` of a value: ``handlers.<name>`` tables are sections of their own."""
-    depth = 2 if path and path[0] == "handlers" else 1
-    depth = min(depth, max(1, len(path) - 1))
-    return ".".join(path[:depth]), ".".join(path[depth:])
-
-
-_VAR = re.compile(r"\$(\$)|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}")
-
-
-def interpolate(doc: Any, *, file: str, issues: list[Issue],
-                env: Mapping[str, str] | None = None, path: tuple[str, ...] = ()) -> Any:
-    """Replace ``${VAR}``, ``${VAR:-default}`` (unset or empty), ``${VAR-default}`` (unset).
-
-    ``$$`` is a literal ``$``. Interpolated strings become :class:`Text`, so a
-    ``port = "${PORT:-1883}"`` can still fill an integer field.
-    """
-    env = os.environ if env is None else env
-    if isinstance(doc, dict):
-        return {k: interpolate(v, file=file, issues=issues, env=env, path=(*path, k))
-                for k, v in doc.items()}
-    if isinstance(doc, list):
-        return [interpolate(v, file=file, issues=issues, env=env, path=(*path, f"[{i}]"))
-                for i, v in enumerate(doc)]
-    if not isinstance(doc, str) or "$" not in doc:
-        return doc
-    textual = isinstance(doc, Text)
-
-    def replace(match: re.Match[str]) -> str:
-        nonlocal textual
-        if match.group(1):
-            return "$"
-        textual = True
-        name, op, default = match.group(2), match.group(3), match.group(4)
-        value = env.get(name)
-        if op == ":-" and not value:
-            return default or ""
-        if op == "-" and value is None:
-            return default or ""
-        if value is None:
-            section, key = split_path([p for p in path if not p.startswith("[")] or [""])
-            issues.append(Issue(
-                file, section, key + "".join(p for p in path if p.startswith("[")), doc,
-                f"the variable set, or a default: ${{{name}:-default}}",
-                f"environment variable {name} is not set"))
-            return ""
-        return value
-
-    result = _VAR.sub(replace, doc)
-    return Text(result) if textual else result
-
-
-def apply_overrides(doc: dict[str, Any], overrides: Iterable[str],
-                    issues: list[Issue]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides; the value is read as TOML, else as text."""
-    for item in overrides:
-        dotted, sep, raw = item.partition("=")
-        parts = [p.strip() for p in dotted.split(".")]
-        if not sep or len(parts) < 2 or not all(parts):
-            issues.append(Issue("--set", "", None, item, "section.key=value",
-                                "malformed override"))
-            continue
-        try:
-            value: Any = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = Text(raw)
-        target = doc
-        for depth, part in enumerate(parts[:-1]):
-            nxt = target.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                issues.append(Issue("--set", ".".join(parts[:depth + 1]), None, item,
-                                    "a path through tables", f"{part!r} is not a table"))
-                break
-            target = nxt
-        else:
-            target[parts[-1]] = value
-    return doc

@@ -1,7 +1,9 @@
 """The local stack: real services on loopback, fetched, configured, started,
 health-checked and stopped by the project itself (no Docker).
 
-    python -m stack install [SERVICE...]   fetch what is missing (offline once done)
+    python -m stack install [SERVICE...]   fetch what is missing (offline once done);
+                                           with no SERVICE also the tools tests need
+                                           (headless chromium: stack/tools.py)
     python -m stack up [SERVICE...]        start, wait for a real client round trip
     python -m stack status                 address, state, RSS of each service
     python -m stack down [SERVICE...]      stop (reverse order), no process left

@@ -37,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load()
         if args.cmd == "install":
-            return runner.install(cfg, args.services)
+            rc = runner.install(cfg, args.services)
+            if not args.services:  # the whole stack: also the tools tests need (chromium)
+                from .tools import ensure_tools
+                rc = max(rc, ensure_tools(runner.say))
+            return rc
         if args.cmd == "up":
             return runner.up(cfg, args.services, jobs=args.jobs)
         if args.cmd == "status":

@@ -67,7 +67,7 @@ async def make_runtime() -> AsyncIterator[Callable[..., Runtime]]:
             rt.request_stop("test teardown")
             try:
                 await asyncio.wait_for(main, 10)
-            except Exception:  # noqa: BLE001,S110 - the test already reported its failure
+            except Exception:  # noqa: BLE001, S110 - the test already reported its failure
                 pass
 
 

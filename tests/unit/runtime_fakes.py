@@ -13,7 +13,17 @@ from typing import Any, ClassVar, Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import Batch, Deferred, PartialFailure, Processor, Reject, Secret, Sink, Source, setting
+from pipeline import (
+    Batch,
+    Deferred,
+    PartialFailure,
+    Processor,
+    Reject,
+    Secret,
+    Sink,
+    Source,
+    setting,
+)
 from pipeline.builtin import JsonlSink, JsonlSinkSettings
 
 #: lifecycle events of LifecycleProbe instances, in order: ("start", name), ("close", name)...
@@ -147,8 +157,8 @@ class ProbeSource(Source):
 
 @dataclasses.dataclass(frozen=True)
 class SecretSettings:
-    user: str = setting("svc")
     password: Secret = setting(doc="the service password")
+    user: str = setting("svc")
     api_token: str = setting("", secret=True)
 
 

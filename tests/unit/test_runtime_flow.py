@@ -266,8 +266,8 @@ async def test_source_failure_stops_the_pipeline_after_draining(make_runtime) ->
     })
     report = await rt.run()
     assert not report.ok and report.stopped_by == "failure"
-    assert report.errors == ["handler 'src' failed in run: RuntimeError: upstream connection "
-                             "reset"]
+    assert report.errors == [("handler 'src' failed in run: RuntimeError: upstream connection "
+                             "reset")]
     assert rt.handlers["sink"].row_count == 1, "what was emitted before the failure drains"
 
 
@@ -280,8 +280,8 @@ async def test_dead_letter_target_failure_stops_and_redacts(make_runtime) -> Non
     })
     report = await rt.run()
     assert not report.ok
-    assert report.errors == ["handler 'dlq' failed in write: PermissionError: login failed "
-                             "for svc:***@db"]
+    assert report.errors == [("handler 'dlq' failed in write: PermissionError: login failed "
+                             "for svc:***@db")]
     assert rt.handlers["src"].committed == []
 
 
@@ -300,7 +300,7 @@ async def test_run_until_idle_is_deterministic(make_runtime) -> None:
     outputs = []
     for _ in range(2):
         rt = build()
-        report = await rt.run()
+        report = await rt.run_until_idle(timeout=10)
         assert report.ok and report.drained and report.unacked == 0
         outputs.append(([r["seq"] for r in rt.handlers["all"].rows()],
                         [r["seq"] for r in rt.handlers["even"].rows()]))

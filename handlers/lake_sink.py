@@ -1,0 +1,750 @@
+"""lake_sink: raw samples to Parquet files in HDFS (WebHDFS), each sample exactly once.
+
+Input: raw sample batches (handlers/README.md §1: at least ``recording`` and ``seq``)
+and, on the same input, recording-end events (§2, ``meta["event"] == "recording_end"``).
+Output (optional ``segments``): one "segment committed" row per file made visible (§3).
+
+Layout
+    ``<root>/date=YYYY-MM-DD/recording=<id>/part-<seq_first:010d>-<seq_last:010d>.parquet``
+    (zstd by default), rows sorted by ``seq``, the columns of the batches. Files never
+    span a block: block ``k`` holds ``seq`` in ``[k * roll_rows, (k + 1) * roll_rows)``.
+    A complete block is one file named by the block's range, so a replay after a
+    crash writes the same name and overwrites it.
+
+Date
+    The UTC processing date on which the recording was first written, made sticky:
+    before creating a recording's directory the sink looks for it under the previous
+    ``date_lookback_days`` dates and keeps the one it finds. A replay after a crash
+    that crosses midnight therefore writes into the same partition instead of
+    duplicating the recording under the new date.
+
+Rolling (when buffered rows become a file)
+    * rows: a block is complete (``roll_rows`` distinct samples, counting those already
+      in the lake) → all its files and buffered rows become the one file of the block;
+    * time: rows buffered longer than ``roll_interval`` seconds are flushed as a
+      partial file (needed with MQTT: the source's acknowledgement window is finite);
+    * bytes: a recording buffering ``roll_bytes`` (or all recordings ``max_buffer_bytes``)
+      is flushed the same way.
+
+No duplicate is ever visible, nothing is lost
+    The visible files of a recording always hold disjoint ``seq`` ranges. A flush
+    merges its rows (deduplicated by ``seq``, the newest copy wins: MQTT redelivery,
+    replays) with every visible file whose range overlaps them (the block's every
+    file when the block is complete or ends the recording), writes the result under
+    ``<root>/_tmp/...`` (invisible: Spark and Hive skip ``_`` directories), deletes
+    the merged files, then renames the new file into place (deleting first whatever
+    holds that name, since an HDFS rename never overwrites). Between the delete and
+    the rename those rows are briefly absent, never twice. If the process dies in
+    between, the complete temporary file still holds them: the next time the
+    recording is written the sink lists ``_tmp`` and merges every leftover it can
+    read (a half-written one cannot be read and is deleted; its rows were still
+    visible or unacknowledged). Flushes of a recording are serialised; one sink
+    instance must own a recording (see mqtt_source on shared subscriptions).
+
+Acknowledgement
+    A batch stays uncommitted (``Deferred``) until every one of its rows is in a file
+    made visible, and the "segment committed" event naming that file lists it as a
+    parent: the source acknowledges upstream only after both. A flush that still
+    fails after ``flush_attempts`` (each with the client's own HTTP retries) sends
+    its batches to dead letter (or stops the pipeline, per ``on_failure``).
+
+Recording end
+    On the end event (``rows_total = n``) the sink waits until the recording's last
+    block holds every ``seq`` below ``n`` (buffered or already in the lake), then
+    flushes everything buffered for the recording and rewrites the last block as one
+    file whose event has ``final = true``. Rows may still be on their way when the
+    marker arrives (coalescing, reordering): if they do not come within
+    ``end_timeout`` seconds (or the pipeline drains), the last block is written as
+    final with what is there and a warning names the missing count. Later rows of
+    that recording are still stored (merged into the same partition) with
+    ``final = false``.
+
+HDFS
+    All I/O goes through :mod:`handlers.webhdfs` (aiohttp; the NameNode's redirect
+    to the DataNode is followed by hand; connection errors, 5xx and safe mode are
+    retried with backoff, which rides out a NameNode restart). Parquet encoding and
+    decoding of more than ``thread_rows`` rows run in a worker thread.
+    ``/readyz`` reports the sink disconnected while requests fail transiently.
+
+Metrics: ``lake_files``, ``lake_rows``, ``lake_bytes``, ``lake_flush_failures``,
+``lake_incomplete_recordings``, gauge ``lake_buffered_rows``, histogram
+``lake_flush_seconds``.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import posixpath
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import Batch, Deferred, Reject, RetryPolicy, Sink, setting
+
+from .webhdfs import NotFound, WebHdfs, WebHdfsError, join
+
+__all__ = ["SEGMENT_SCHEMA", "LakeSink", "LakeSinkSettings", "block_of", "part_name"]
+
+SEGMENT_SCHEMA = pa.schema([
+    pa.field("path", pa.string(), nullable=False),
+    pa.field("recording", pa.string(), nullable=False),
+    pa.field("seq_first", pa.int64(), nullable=False),
+    pa.field("seq_last", pa.int64(), nullable=False),
+    pa.field("rows", pa.int64(), nullable=False),
+    pa.field("final", pa.bool_(), nullable=False),
+])
+_PART = re.compile(r"part-(\d{10,})-(\d{10,})\.parquet")
+_TMP = re.compile(r"(part-(\d{10,})-(\d{10,})\.parquet)\.[0-9a-f]+\.tmp")
+_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+IDLE_FORGET = 3600.0     # seconds: forget an idle recording's file list (re-listed when needed)
+
+
+def part_name(first: int, last: int) -> str:
+    return f"part-{first:010d}-{last:010d}.parquet"
+
+
+def block_of(seq: int, roll_rows: int) -> tuple[int, int]:
+    """The ``[first, last]`` seq range of the block holding ``seq``."""
+    k = seq // roll_rows
+    return k * roll_rows, (k + 1) * roll_rows - 1
+
+
+# ruff: noqa: RUF009 - pipeline.setting() returns a dataclasses.field, ruff cannot tell
+@dataclasses.dataclass(frozen=True)
+class LakeSinkSettings:
+    url: str = setting("http://127.0.0.1:9870", doc="the NameNode's WebHDFS address")
+    user: str | None = setting(None, doc="HDFS user name (user.name); default: the OS user")
+    root: str = setting("/gaitflow/raw", doc="lake directory (absolute HDFS path)")
+    roll_rows: int = setting(10_000, doc="samples per block: file boundaries are multiples of "
+                                         "this in seq", min=1)
+    roll_interval: float = setting(5.0, doc="flush rows buffered longer than this many "
+                                            "seconds as a partial file (0 = never)", min=0)
+    roll_bytes: int = setting(64 << 20, doc="flush a recording buffering this many bytes",
+                              min=1024)
+    max_buffer_bytes: int = setting(512 << 20, doc="flush the largest recording while all "
+                                                   "buffers together exceed this", min=1024)
+    compression: Literal["zstd", "snappy", "gzip", "lz4", "none"] = setting(
+        "zstd", doc="Parquet compression codec")
+    compression_level: int | None = setting(None, doc="codec level (default: the codec's)")
+    date_lookback_days: int = setting(1, doc="previous dates searched for a recording's "
+                                             "existing partition", min=0, max=366)
+    end_timeout: float = setting(10.0, doc="seconds to wait for a recording's missing rows "
+                                           "after its end marker", min=0)
+    thread_rows: int = setting(2000, doc="encode/decode Parquet in a worker thread above "
+                                         "this many rows", min=0)
+    request_timeout: float = setting(30.0, doc="seconds per HTTP request", min=0.1)
+    http_retry: RetryPolicy = setting(
+        RetryPolicy(max_attempts=10, backoff=0.5, max_backoff=8.0, jitter=0.3),
+        doc="retries of each WebHDFS request (transient errors only)")
+    flush_attempts: int = setting(3, doc="attempts of a whole flush before its batches go "
+                                         "to dead letter", min=1)
+
+    def __post_init__(self) -> None:
+        root = self.root
+        if not root.startswith("/") or posixpath.normpath(root) != root.rstrip("/") or \
+                root == "/":
+            raise ValueError(f"root {root!r}: expected an absolute, normalised path below /")
+
+
+# --------------------------------------------------------------------------- state
+@dataclasses.dataclass(eq=False)
+class _File:
+    path: str
+    first: int
+    last: int
+    rows: int | None = None            # None until read
+    hidden: bool = False               # a leftover under _tmp whose rows must be kept
+    seqs: np.ndarray | None = None     # cached when the file has gaps
+
+    def overlaps(self, lo: int, hi: int) -> bool:
+        return self.first <= hi and self.last >= lo
+
+    @property
+    def gapless(self) -> bool:
+        return self.rows == self.last - self.first + 1
+
+
+class _Pending:
+    """One input batch's deferred commit, shared by the blocks holding its rows."""
+
+    __slots__ = ("deferred", "failed", "parts")
+
+    def __init__(self, deferred: Deferred) -> None:
+        self.deferred = deferred
+        self.parts = 0
+        self.failed = False
+
+    def part_done(self) -> None:
+        self.parts -= 1
+        if self.parts <= 0 and not self.failed:
+            self.deferred.commit()
+
+    async def fail(self, error: BaseException, reason: str) -> None:
+        if not self.failed:
+            self.failed = True
+            await self.deferred.fail(error, reason)
+
+
+class _Block:
+    __slots__ = ("chunks", "distinct", "nbytes", "pendings", "rows", "seen", "since")
+
+    def __init__(self, roll_rows: int) -> None:
+        self.chunks: list[pa.Table] = []
+        self.pendings: list[_Pending] = []
+        self.seen = np.zeros(roll_rows, dtype=bool)
+        self.distinct = 0
+        self.rows = 0
+        self.nbytes = 0
+        self.since = 0.0
+
+    def add(self, piece: pa.Table, offsets: np.ndarray, nbytes: int) -> None:
+        if not self.chunks:
+            self.since = time.monotonic()
+        self.chunks.append(piece)
+        self.seen[offsets] = True
+        self.distinct = int(np.count_nonzero(self.seen))
+        self.rows += piece.num_rows
+        self.nbytes += nbytes
+
+
+@dataclasses.dataclass(eq=False)
+class _End:
+    rows_total: int
+    deadline: float
+    pending: _Pending
+
+
+@dataclasses.dataclass(eq=False)
+class _Recording:
+    id: str
+    dir: str
+    tmp_dir: str
+    files: list[_File]
+    blocks: dict[int, _Block] = dataclasses.field(default_factory=dict)
+    end: _End | None = None
+    touched: float = dataclasses.field(default_factory=time.monotonic)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.blocks.values())
+
+
+# --------------------------------------------------------------------------- the sink
+class LakeSink(Sink):
+    """Buffers samples per recording and block; writes Parquet through WebHDFS."""
+
+    Settings: ClassVar[type] = LakeSinkSettings
+    settings: LakeSinkSettings
+    outputs: ClassVar[tuple[str, ...]] = ()
+    optional_outputs: ClassVar[tuple[str, ...]] = ("segments",)
+
+    def __init__(self, name: str, settings: LakeSinkSettings | None = None) -> None:
+        super().__init__(name, settings)
+        self.root = self.settings.root.rstrip("/")
+        self.fs: WebHdfs | None = None
+        self._recs: dict[str, _Recording] = {}
+        self._lock: asyncio.Lock | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._m: dict[str, Any] = {}
+
+    # -- lifecycle -----------------------------------------------------------------
+    async def start(self) -> None:
+        s = self.settings
+        m = self.metrics
+        self._m = {
+            "files": m.counter("lake_files", "Parquet files made visible"),
+            "rows": m.counter("lake_rows", "Rows written in visible files (rewrites included)"),
+            "bytes": m.counter("lake_bytes", "Parquet bytes written"),
+            "failures": m.counter("lake_flush_failures", "Flush attempts that failed"),
+            "incomplete": m.counter("lake_incomplete_recordings",
+                                    "Recordings closed with rows missing after end_timeout"),
+            "buffered": m.gauge("lake_buffered_rows", "Rows buffered, not yet in a file"),
+            "flush": m.histogram("lake_flush_seconds", "Time to make one file visible"),
+        }
+        self._lock = asyncio.Lock()
+        self.fs = WebHdfs(s.url, user=s.user, retry=s.http_retry, timeout=s.request_timeout,
+                          on_state=self._on_hdfs_state, on_retry=self._on_retry)
+        await self.fs.open_session()
+        try:
+            await self.fs.mkdirs(self.root)
+        except WebHdfsError as exc:
+            await self.fs.close()
+            raise ConnectionError(f"lake root {self.root} on {s.url}: {exc}") from None
+        self.log.info("lake.started", url=s.url, root=self.root, roll_rows=s.roll_rows,
+                      roll_interval_s=s.roll_interval, compression=s.compression)
+        self._ticker = asyncio.create_task(self._tick(), name=f"lake-roll:{self.name}")
+
+    async def drain(self) -> None:
+        assert self._lock is not None
+        async with self._lock:
+            await self._stop_ticker()
+            for state in list(self._recs.values()):
+                if state.end is not None:
+                    await self._check_end(state, force=True)
+                else:
+                    await self._flush_recording(state)
+            self._update_gauge()
+
+    async def close(self) -> None:
+        await self._stop_ticker()
+        if self.fs is not None:
+            await self.fs.close()
+
+    async def _stop_ticker(self) -> None:
+        task, self._ticker = self._ticker, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def _on_hdfs_state(self, connected: bool, detail: str) -> None:
+        self.set_connected(connected, "" if connected else f"WebHDFS: {detail}")
+
+    def _on_retry(self, op: str, attempt: int, exc: BaseException, pause: float) -> None:
+        self.log.warning("lake.http_retry", op=op, attempt=attempt, error=str(exc),
+                         retry_in_s=round(pause, 2))
+
+    # -- input -------------------------------------------------------------------
+    async def write(self, batch: Batch) -> None:
+        assert self._lock is not None
+        async with self._lock:
+            if batch.meta.get("event") == "recording_end":
+                await self._end_event(batch)
+            else:
+                await self._samples(batch)
+            self._update_gauge()
+
+    async def _samples(self, batch: Batch) -> None:
+        s = self.settings
+        table = batch.to_table()
+        names = table.schema.names
+        if "recording" not in names or "seq" not in names:
+            raise Reject("lake_sink needs columns 'recording' and 'seq' (handlers/README.md §1)"
+                         f"; found {names}")
+        if not pa.types.is_integer(table.schema.field("seq").type):
+            raise Reject(f"column 'seq' must be an integer, not {table.schema.field('seq').type}")
+        if table.num_rows == 0:
+            return
+        table = await self._refuse_bad_rows(batch, table)
+        if table.num_rows == 0:
+            return
+        recs = pc.dictionary_encode(table.column("recording")).combine_chunks()
+        codes = recs.indices.to_numpy(zero_copy_only=False)
+        ids = recs.dictionary.to_pylist()
+        seqs = table.column("seq").to_numpy().astype(np.int64, copy=False)
+        order = np.lexsort((seqs, codes))
+        codes, seqs = codes[order], seqs[order]
+        table = table.take(pa.array(order))
+        blocks = seqs // s.roll_rows
+        cut = np.flatnonzero((np.diff(codes) != 0) | (np.diff(blocks) != 0)) + 1
+        starts, ends = np.r_[0, cut], np.r_[cut, len(seqs)]
+        row_bytes = max(1, table.nbytes // max(1, table.num_rows))
+        pending = _Pending(self.defer(batch))
+        touched: dict[str, _Recording] = {}
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            state = await self._recording(ids[codes[a]])
+            k = int(blocks[a])
+            block = state.blocks.get(k)
+            if block is None:
+                block = state.blocks[k] = _Block(s.roll_rows)
+            block.add(table.slice(a, b - a), seqs[a:b] - k * s.roll_rows, (b - a) * row_bytes)
+            block.pendings.append(pending)
+            pending.parts += 1
+            state.touched = time.monotonic()
+            touched[state.id] = state
+        for state in touched.values():
+            for k in sorted(state.blocks):
+                if self._complete(state, k):
+                    await self._flush_block(state, k, compact=True)
+            if state.nbytes >= s.roll_bytes:
+                await self._flush_recording(state)
+            if state.end is not None:
+                await self._check_end(state)
+        while self._recs and sum(r.nbytes for r in self._recs.values()) > s.max_buffer_bytes:
+            biggest = max(self._recs.values(), key=lambda r: r.nbytes)
+            await self._flush_recording(biggest)
+
+    async def _refuse_bad_rows(self, batch: Batch, table: pa.Table) -> pa.Table:
+        """Dead-letter rows that cannot be stored (null or unsafe id, null/negative seq)."""
+        rec, seq = table.column("recording"), table.column("seq")
+        bad = np.zeros(table.num_rows, dtype=bool)
+        reasons = []
+        if rec.null_count or seq.null_count:
+            nulls = np.asarray(pc.or_(pc.is_null(rec), pc.is_null(seq)), dtype=bool)
+            bad |= nulls
+            reasons.append("null recording or seq")
+        seq_np = np.asarray(pc.fill_null(seq, 0).to_numpy(zero_copy_only=False))
+        if (seq_np < 0).any():
+            bad |= seq_np < 0
+            reasons.append("negative seq")
+        unsafe = [v for v in pc.unique(rec).to_pylist()
+                  if v is not None and (not _ID.fullmatch(v) or ".." in v)]
+        if unsafe:
+            bad |= np.asarray(pc.is_in(rec, pa.array(unsafe, pa.string())).fill_null(False),
+                              dtype=bool)
+            reasons.append("unsafe recording id (expected [A-Za-z0-9_.-]{1,64}, no '..')")
+        if not bad.any():
+            return table
+        await self.dead_letter(batch, reason="; ".join(reasons),
+                               rows=np.flatnonzero(bad).tolist())
+        return table.filter(pa.array(~bad))
+
+    async def _end_event(self, batch: Batch) -> None:
+        table = batch.to_table()
+        if "recording" not in table.schema.names or "rows_total" not in table.schema.names:
+            raise Reject("recording_end event needs columns 'recording' and 'rows_total'")
+        pending = _Pending(self.defer(batch))
+        pending.parts = 1     # held until every recording of the event is handled
+        for row in table.select(["recording", "rows_total"]).to_pylist():
+            rec, total = row["recording"], row["rows_total"]
+            if not isinstance(rec, str) or not _ID.fullmatch(rec) or ".." in rec or \
+                    not isinstance(total, int) or total < 0:
+                self.log.warning("lake.bad_end_event", recording=rec, rows_total=total)
+                continue
+            state = await self._recording(rec)
+            if state.end is not None:   # a repeated marker replaces the earlier one
+                state.end.pending.part_done()
+            pending.parts += 1
+            state.end = _End(total, time.monotonic() + self.settings.end_timeout, pending)
+            await self._check_end(state)
+        pending.part_done()
+
+    # -- recordings ------------------------------------------------------------------
+    async def _recording(self, rec: str) -> _Recording:
+        state = self._recs.get(rec)
+        if state is None:
+            state = self._recs[rec] = await self._open_recording(rec)
+        return state
+
+    def _dirs(self, date: dt.date, rec: str) -> tuple[str, str]:
+        part = f"date={date.isoformat()}/recording={rec}"
+        return join(self.root, part), join(self.root, "_tmp", part)
+
+    async def _open_recording(self, rec: str) -> _Recording:
+        """Pick the partition date, list the files, pick up leftovers of a crashed flush."""
+        fs = self.fs
+        assert fs is not None
+        today = dt.datetime.now(dt.UTC).date()
+        date = today
+        for back in range(self.settings.date_lookback_days, 0, -1):
+            day = today - dt.timedelta(days=back)
+            if await fs.exists(self._dirs(day, rec)[0]):
+                date = day
+                break
+        visible, tmp = self._dirs(date, rec)
+        await fs.mkdirs(visible)  # from now on the date choice is on disk
+        files = []
+        for st in await fs.list_status(visible):
+            m = _PART.fullmatch(st.name)
+            if m and not st.is_dir:
+                files.append(_File(st.path, int(m[1]), int(m[2])))
+        try:
+            leftovers = await fs.list_status(tmp)
+        except NotFound:
+            leftovers = []
+        for st in leftovers:
+            m = _TMP.fullmatch(st.name)
+            if m and not st.is_dir:
+                files.append(_File(st.path, int(m[2]), int(m[3]), hidden=True))
+        if any(f.hidden for f in files):
+            self.log.warning("lake.recovering", recording=rec,
+                             leftovers=[f.path for f in files if f.hidden])
+        return _Recording(rec, visible, tmp, files)
+
+    def _complete(self, state: _Recording, k: int) -> bool:
+        """Block ``k`` (probably) holds ``roll_rows`` distinct samples, lake included."""
+        block = state.blocks.get(k)
+        if block is None or not block.chunks:
+            return False
+        lo, hi = k * self.settings.roll_rows, (k + 1) * self.settings.roll_rows - 1
+        known = 0
+        for f in state.files:
+            if not f.hidden and f.overlaps(lo, hi):
+                known += f.rows if f.rows is not None else (min(f.last, hi) - max(f.first, lo) + 1)
+        return block.distinct + known >= self.settings.roll_rows
+
+    async def _flush_recording(self, state: _Recording) -> None:
+        for k in sorted(state.blocks):
+            if state.blocks[k].chunks:
+                await self._flush_block(state, k, compact=self._complete(state, k))
+
+    # -- recording end -----------------------------------------------------------------
+    async def _check_end(self, state: _Recording, force: bool = False) -> None:
+        end = state.end
+        assert end is not None
+        n, roll = end.rows_total, self.settings.roll_rows
+        if n == 0:
+            await self._finalize(state, None)
+            return
+        k = (n - 1) // roll
+        need = n - k * roll
+        have = await self._coverage(state, k, need)
+        if have < need and not force and time.monotonic() < end.deadline:
+            return
+        if have < need:
+            self._m["incomplete"].inc()
+            self.log.warning("lake.recording_incomplete", recording=state.id, rows_total=n,
+                             missing_in_last_block=need - have)
+        await self._finalize(state, k)
+
+    async def _coverage(self, state: _Recording, k: int, need: int) -> int:
+        """Distinct samples of block ``k`` below ``need`` (offset), buffered or in the lake."""
+        lo = k * self.settings.roll_rows
+        hi = lo + self.settings.roll_rows - 1
+        block = state.blocks.get(k)
+        seen = block.seen.copy() if block is not None else np.zeros(hi - lo + 1, dtype=bool)
+        for f in state.files:
+            if not f.overlaps(lo, hi):
+                continue
+            if f.rows is None or not f.gapless:
+                if f.seqs is None:
+                    table = await self._read(state, f)
+                    if table is None:
+                        continue
+                    f.seqs = table.column("seq").to_numpy()
+                offsets = f.seqs[(f.seqs >= lo) & (f.seqs <= hi)] - lo
+                seen[offsets] = True
+            else:
+                seen[max(f.first, lo) - lo: min(f.last, hi) - lo + 1] = True
+        return int(np.count_nonzero(seen[:need]))
+
+    async def _finalize(self, state: _Recording, k: int | None) -> None:
+        end = state.end
+        assert end is not None
+        for j in sorted(state.blocks):
+            if j != k and state.blocks[j].chunks:
+                await self._flush_block(state, j, compact=self._complete(state, j))
+        if k is not None:
+            roll = self.settings.roll_rows
+            lo, hi = k * roll, (k + 1) * roll - 1
+            block = state.blocks.get(k)
+            files = [f for f in state.files if f.overlaps(lo, hi)]
+            if (block is not None and block.chunks) or len(files) > 1 or \
+                    any(f.hidden for f in files):
+                await self._flush_block(state, k, compact=True, final=True, extra=[end.pending])
+            elif files:   # already one file: announce it as final, no rewrite
+                f = files[0]
+                if f.rows is None:
+                    await self._read(state, f)
+                await self._announce(state, f, True, [end.pending.deferred])
+            else:
+                self.log.warning("lake.recording_end_without_rows", recording=state.id,
+                                 rows_total=end.rows_total)
+        state.end = None
+        end.pending.part_done()
+        if not any(b.chunks for b in state.blocks.values()):
+            self._recs.pop(state.id, None)
+
+    # -- flushing ----------------------------------------------------------------------
+    async def _flush_block(self, state: _Recording, k: int, *, compact: bool,
+                           final: bool = False, extra: Sequence[_Pending] = ()) -> None:
+        """Make block ``k``'s buffered rows visible; never raises (failures dead-letter)."""
+        s = self.settings
+        block = state.blocks.get(k) or _Block(s.roll_rows)
+        pendings = [*block.pendings, *extra]
+        error: BaseException | None = None
+        for attempt in range(1, s.flush_attempts + 1):
+            t0 = time.perf_counter()
+            try:
+                written = await self._rewrite(state, k, block, compact)
+            except (WebHdfsError, OSError, pa.ArrowException, ValueError) as exc:
+                error = exc
+                self._m["failures"].inc()
+                self.log.warning("lake.flush_failed", recording=state.id, block=k,
+                                 attempt=attempt, of=s.flush_attempts,
+                                 error=f"{type(exc).__name__}: {exc}")
+                if attempt < s.flush_attempts:
+                    await asyncio.sleep(s.http_retry.delay(attempt))
+                continue
+            self._m["flush"].observe(time.perf_counter() - t0)
+            state.blocks.pop(k, None)
+            if written is not None:
+                await self._announce(state, written, final,
+                                     [p.deferred for p in pendings if not p.failed])
+            for p in pendings:
+                p.part_done()
+            return
+        state.blocks.pop(k, None)
+        assert error is not None
+        reason = f"lake flush of {state.id} block {k} failed after {s.flush_attempts} " \
+                 f"attempts: {type(error).__name__}: {error}"
+        self.log.error("lake.flush_gave_up", recording=state.id, block=k,
+                       error=f"{type(error).__name__}: {error}")
+        for p in pendings:
+            await p.fail(error, reason)
+
+    async def _announce(self, state: _Recording, f: _File, final: bool,
+                        parents: list[Deferred]) -> None:
+        event = pa.table({"path": [f.path], "recording": [state.id], "seq_first": [f.first],
+                          "seq_last": [f.last], "rows": [f.rows or 0], "final": [final]},
+                         schema=SEGMENT_SCHEMA)
+        await self.emit(event, output="segments", key="path", parents=parents,
+                        meta={"event": "segment_committed", "recording": state.id,
+                              "final": final})
+
+    async def _rewrite(self, state: _Recording, k: int, block: _Block,
+                       compact: bool) -> _File | None:
+        """One attempt: merge, write under _tmp, delete what it replaces, rename into place."""
+        fs = self.fs
+        assert fs is not None
+        roll = self.settings.roll_rows
+        lo, hi = k * roll, (k + 1) * roll - 1
+        sources = [f for f in state.files if f.overlaps(lo, hi) and (f.hidden or compact)]
+        if block.chunks and not compact:
+            bseqs = np.concatenate([c.column("seq").to_numpy() for c in block.chunks])
+            a, b = int(bseqs.min()), int(bseqs.max())
+            grew = True
+            while grew:   # the visible files overlapping the rows, and what they overlap
+                grew = False
+                for f in state.files:
+                    if not f.hidden and f not in sources and f.overlaps(a, b):
+                        sources.append(f)
+                        a, b = min(a, f.first), max(b, f.last)
+                        grew = True
+        if not block.chunks and not sources:
+            return None
+        tables = []
+        for f in sources:
+            table = await self._read(state, f)
+            if table is not None:
+                tables.append(table)
+        merged = _dedup(tables + block.chunks)
+        if merged.num_rows == 0:
+            return None
+        seq = merged.column("seq")
+        first, last = int(seq[0].as_py()), int(seq[-1].as_py())
+        name = part_name(first, last)
+        dest = join(state.dir, name)
+        data = await self._encode(merged)
+        tmp = join(state.tmp_dir, f"{name}.{uuid.uuid4().hex[:12]}.tmp")
+        await fs.create(tmp, data, overwrite=True)
+        staged = _File(tmp, first, last, merged.num_rows, hidden=True)
+        state.files.append(staged)   # from here on its rows must survive a failed attempt
+        for f in sources:
+            if not f.hidden:
+                await fs.delete(f.path)
+                state.files.remove(f)
+        if not await fs.rename(tmp, dest):
+            if await fs.exists(tmp):   # dest held by a file we did not know of
+                await fs.delete(dest)
+                if not await fs.rename(tmp, dest):
+                    raise WebHdfsError("RENAME", tmp, f"could not rename to {dest}")
+            # else: an earlier try of this rename went through and its answer was lost
+        state.files.remove(staged)
+        written = _File(dest, first, last, merged.num_rows)
+        state.files.append(written)
+        for f in sources:
+            if f.hidden:
+                try:
+                    await fs.delete(f.path)
+                    state.files.remove(f)
+                except WebHdfsError as exc:  # its rows are visible now; retried next flush
+                    self.log.warning("lake.cleanup_failed", path=f.path, error=str(exc))
+        self._m["files"].inc()
+        self._m["rows"].inc(merged.num_rows)
+        self._m["bytes"].inc(len(data))
+        self.log.debug("lake.file", path=dest, rows=merged.num_rows, bytes=len(data),
+                       merged=len(sources))
+        return written
+
+    async def _read(self, state: _Recording, f: _File) -> pa.Table | None:
+        """A file's rows; None (and forgotten) when it vanished or is a torn leftover."""
+        fs = self.fs
+        assert fs is not None
+        try:
+            data = await fs.open(f.path)
+        except NotFound:
+            self.log.warning("lake.file_vanished", path=f.path)
+            state.files.remove(f)
+            return None
+        try:
+            if len(data) > 64 * self.settings.thread_rows:
+                table = await asyncio.to_thread(_decode, data)
+            else:
+                table = _decode(data)
+        except (pa.ArrowException, OSError) as exc:
+            if not f.hidden:
+                raise WebHdfsError("OPEN", f.path, f"unreadable lake file: {exc}") from exc
+            self.log.warning("lake.torn_leftover_deleted", path=f.path, error=str(exc))
+            await fs.delete(f.path)
+            state.files.remove(f)
+            return None
+        f.rows = table.num_rows
+        return table
+
+    async def _encode(self, table: pa.Table) -> bytes:
+        s = self.settings
+        codec = None if s.compression == "none" else s.compression
+        if table.num_rows > s.thread_rows:
+            return await asyncio.to_thread(_encode, table, codec, s.compression_level)
+        return _encode(table, codec, s.compression_level)
+
+    # -- time-based rolling --------------------------------------------------------------
+    async def _tick(self) -> None:
+        s = self.settings
+        period = min(1.0, s.roll_interval / 4) if s.roll_interval else 1.0
+        period = max(period, 0.05)
+        assert self._lock is not None
+        while True:
+            await asyncio.sleep(period)
+            async with self._lock:
+                try:
+                    await self._roll_due()
+                except Exception as exc:  # noqa: BLE001 - the roller must survive
+                    self.log.error("lake.roll_error", error=f"{type(exc).__name__}: {exc}")
+                self._update_gauge()
+
+    async def _roll_due(self) -> None:
+        s = self.settings
+        now = time.monotonic()
+        for state in list(self._recs.values()):
+            if s.roll_interval:
+                for k in sorted(state.blocks):
+                    b = state.blocks.get(k)
+                    if b is not None and b.chunks and now - b.since >= s.roll_interval:
+                        await self._flush_block(state, k, compact=self._complete(state, k))
+            if state.end is not None:
+                await self._check_end(state)
+            elif not state.blocks and now - state.touched > IDLE_FORGET:
+                self._recs.pop(state.id, None)
+
+    def _update_gauge(self) -> None:
+        if self._m:
+            self._m["buffered"].set(sum(b.rows for r in self._recs.values()
+                                        for b in r.blocks.values()))
+
+
+# --------------------------------------------------------------------------- helpers
+def _dedup(tables: list[pa.Table]) -> pa.Table:
+    """Concatenate, keep the last row of each seq, sort by seq."""
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return pa.table({})
+    merged = tables[0] if len(tables) == 1 else pa.concat_tables(
+        tables, promote_options="permissive")
+    seqs = merged.column("seq").to_numpy()
+    order = np.argsort(seqs, kind="stable")
+    s = seqs[order]
+    keep = np.ones(len(s), dtype=bool)
+    keep[:-1] = s[:-1] != s[1:]        # the last of each run of equal seqs
+    idx = order[keep]
+    if len(idx) == merged.num_rows and (np.diff(seqs) > 0).all():
+        return merged.combine_chunks()
+    return merged.take(pa.array(idx)).combine_chunks()
+
+
+def _encode(table: pa.Table, codec: str | None, level: int | None) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression=codec or "none", compression_level=level)
+    return sink.getvalue().to_pybytes()
+
+
+def _decode(data: bytes) -> pa.Table:
+    return pq.read_table(pa.BufferReader(data))
