@@ -38,15 +38,21 @@ Writing
     batch lacks are not written (an upsert leaves them as they are). A batch
     without every primary-key column is rejected whole. ``nulls = "unset"``
     (default) leaves null values unset instead of writing tombstones.
-    Statements run concurrently, at most ``max_concurrency`` in flight
-    (one semaphore per sink), on the driver's own I/O thread; each result is
-    handed back to the event loop with ``loop.call_soon_threadsafe``, so the
-    loop never blocks on the driver.
+    Rows of the same partition (e.g. one recording) go together as an
+    ``UNLOGGED BATCH`` of up to ``batch_rows`` bound INSERTs and
+    ``batch_max_bytes`` of values: a single-partition batch is one atomic
+    mutation server-side, several times faster than one request per row. A
+    batch never holds the same primary key twice, so when a key repeats in an
+    Arrow batch the later row is written later and wins. Statements run
+    concurrently, at most ``max_concurrency`` in flight (an asyncio semaphore),
+    on the driver's own I/O thread; each result is handed back to the event
+    loop with ``loop.call_soon_threadsafe``, so the loop never blocks on the
+    driver.
 
 Per-row failures
     A row with a null primary-key value, or whose values cannot be bound to the
-    column types, or that Cassandra rejects as invalid, goes to dead letter at
-    once with the reason; rows that failed for a transient reason (timeout,
+    column types, or that Cassandra rejects as invalid (a rejected batch is
+    re-run row by row to find it), goes to dead letter at once with the reason; rows that failed for a transient reason (timeout,
     unavailable, connection) are retried by the runtime (``PartialFailure``),
     only them. When every row failed transiently the whole batch is retried.
 
@@ -81,7 +87,7 @@ from cassandra.policies import (
     TokenAwarePolicy,
 )
 from cassandra.protocol import RequestValidationException as ProtocolValidation
-from cassandra.query import UNSET_VALUE
+from cassandra.query import UNSET_VALUE, BatchStatement, BatchType
 
 from pipeline import Batch, PartialFailure, Reject, RetryPolicy, Secret, Sink, setting
 
@@ -217,6 +223,12 @@ class CassandraSinkSettings:
     nulls: Literal["unset", "null"] = setting(
         "unset", doc="null values: leave the column unset (no tombstone) or write null")
     max_concurrency: int = setting(64, doc="statements in flight at most", min=1, max=4096)
+    batch_rows: int = setting(
+        20, doc="rows of one partition sent as one UNLOGGED batch at most (1 = no batches)",
+        min=1, max=1000)
+    batch_max_bytes: int = setting(
+        4096, doc="bound values per batch at most (keep under the server's "
+                  "batch_size_warn_threshold, 5 KiB by default)", min=256)
     request_timeout: float = setting(10.0, doc="seconds per statement", min=0.1)
     connect_timeout: float = setting(10.0, doc="seconds to open a connection", min=0.1)
     connect_retry: RetryPolicy = setting(
@@ -480,58 +492,72 @@ class CassandraSink(Sink):
         self._report_ignored(tuple(c for c in data.schema.names if c not in spec.columns))
         statement = await self._statement(columns)
         key_at = [columns.index(c) for c in spec.key_columns]
+        part_at = key_at[:len(spec.partition_key)]
         values = [self._column_values(data, c, c in spec.key_columns) for c in columns]
         invalid: dict[str, list[int]] = {}
-        pending: list[tuple[int, asyncio.Future[Any]]] = []
+        groups = _Grouper(self.settings.batch_rows, self.settings.batch_max_bytes)
+        for pos, row in enumerate(zip(*values, strict=True)):
+            null_keys = [spec.key_columns[i] for i, at in enumerate(key_at) if row[at] is None]
+            if null_keys:
+                invalid.setdefault(f"null primary key column(s): {', '.join(null_keys)}",
+                                   []).append(pos)
+                continue
+            try:
+                bound = statement.bind(row)
+            except _BIND_ERRORS as exc:
+                invalid.setdefault(f"value does not fit the column types: "
+                                   f"{type(exc).__name__}: {exc}", []).append(pos)
+                continue
+            groups.add(pos, bound, tuple(row[i] for i in part_at), tuple(row[i] for i in key_at))
+        retry: list[int] = []
+        cause: BaseException | None = None
+        written = 0
+        todo = groups.finish()
+        while todo:
+            results = await self._run([stmt for _, stmt in todo])
+            isolate: list[tuple[list[int], Any]] = []
+            for (rows, stmt), result in zip(todo, results, strict=True):
+                if not isinstance(result, BaseException):
+                    written += len(rows)
+                elif not is_permanent(result):
+                    retry.extend(rows)
+                    cause = cause or result
+                elif len(rows) > 1:  # one bad row fails its whole batch: find it
+                    isolate.extend(([r], s) for r, s in zip(rows, stmt.bound, strict=True))
+                else:
+                    invalid.setdefault(f"rejected by Cassandra: {type(result).__name__}: "
+                                       f"{result}", []).extend(rows)
+            todo = isolate
+        self._m["rows"].inc(written)
+        if written:
+            self.set_connected(True)
+        elif cause is not None and isinstance(cause, CONNECTION_ERRORS):
+            self.set_connected(False, f"{type(cause).__name__}: {cause}")
+        await self._settle(batch, invalid, sorted(retry), cause)
+
+    async def _run(self, statements: Sequence[Any]) -> list[Any]:
+        """Execute ``statements`` with bounded concurrency; results or exceptions, in order."""
         semaphore = self._semaphore
         assert semaphore is not None
         in_flight = self._m["in_flight"]
+        pending: list[asyncio.Future[Any]] = []
 
         def release(_: asyncio.Future[Any]) -> None:
             semaphore.release()
             in_flight.dec()
 
         try:
-            for pos, row in enumerate(zip(*values, strict=True)):
-                null_keys = [spec.key_columns[i] for i, at in enumerate(key_at) if row[at] is None]
-                if null_keys:
-                    invalid.setdefault(f"null primary key column(s): {', '.join(null_keys)}",
-                                       []).append(pos)
-                    continue
-                try:
-                    bound = statement.bind(row)
-                except _BIND_ERRORS as exc:
-                    invalid.setdefault(f"value does not fit the column types: "
-                                       f"{type(exc).__name__}: {exc}", []).append(pos)
-                    continue
+            for stmt in statements:
                 await semaphore.acquire()
                 in_flight.inc()
-                fut = self._execute(bound)
+                fut = self._execute(stmt.statement if isinstance(stmt, _Group) else stmt)
                 fut.add_done_callback(release)
-                pending.append((pos, fut))
-            results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+                pending.append(fut)
+            return await asyncio.gather(*pending, return_exceptions=True)
         except BaseException:
-            for _, fut in pending:
+            for fut in pending:
                 fut.cancel()
             raise
-        retry: list[int] = []
-        cause: BaseException | None = None
-        written = 0
-        for (pos, _), result in zip(pending, results, strict=True):
-            if not isinstance(result, BaseException):
-                written += 1
-            elif is_permanent(result):
-                invalid.setdefault(f"rejected by Cassandra: {type(result).__name__}: {result}",
-                                   []).append(pos)
-            else:
-                retry.append(pos)
-                cause = cause or result
-        self._m["rows"].inc(written)
-        if written:
-            self.set_connected(True)
-        elif cause is not None and isinstance(cause, CONNECTION_ERRORS):
-            self.set_connected(False, f"{type(cause).__name__}: {cause}")
-        await self._settle(batch, invalid, retry, cause)
 
     async def _settle(self, batch: Batch, invalid: dict[str, list[int]], retry: list[int],
                       cause: BaseException | None) -> None:
@@ -560,6 +586,65 @@ class CassandraSink(Sink):
             self._ignored_reported.add(ignored)
             self.log.warning("cassandra_sink.columns_ignored", columns=list(ignored),
                              detail=f"not columns of {self.settings.keyspace}.{self.settings.table}")
+
+
+class _Group:
+    """Rows of one partition sent together as an UNLOGGED batch (or one bound statement)."""
+
+    __slots__ = ("bound", "keys", "nbytes", "rows")
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.bound: list[Any] = []
+        self.keys: set[tuple[Any, ...]] = set()
+        self.nbytes = 0
+
+    @property
+    def statement(self) -> Any:
+        if len(self.bound) == 1:
+            return self.bound[0]
+        batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+        for bound in self.bound:
+            batch.add(bound)
+        batch.is_idempotent = True
+        return batch
+
+
+def _bound_size(bound: Any) -> int:
+    return sum(len(v) for v in bound.values if isinstance(v, (bytes, bytearray, memoryview)))
+
+
+class _Grouper:
+    """Groups bound rows by partition: single-partition batches are one mutation server-side.
+
+    A group closes at ``max_rows`` rows or ``max_bytes`` of values, and before a
+    primary key repeats: rows of one BATCH share a write timestamp, so two rows
+    with the same key must go in successive statements for the later row to win.
+    """
+
+    def __init__(self, max_rows: int, max_bytes: int) -> None:
+        self.max_rows, self.max_bytes = max_rows, max_bytes
+        self.open: dict[tuple[Any, ...], _Group] = {}
+        self.done: list[tuple[list[int], _Group]] = []
+
+    def add(self, pos: int, bound: Any, partition: tuple[Any, ...], key: tuple[Any, ...]) -> None:
+        size = _bound_size(bound) if self.max_rows > 1 else 0
+        group = self.open.get(partition)
+        if group is not None and (len(group.rows) >= self.max_rows or key in group.keys
+                                  or group.nbytes + size > self.max_bytes):
+            self.done.append((group.rows, group))
+            group = None
+        if group is None:
+            group = self.open[partition] = _Group()
+        group.rows.append(pos)
+        group.bound.append(bound)
+        group.keys.add(key)
+        group.nbytes += size
+
+    def finish(self) -> list[tuple[list[int], Any]]:
+        self.done.extend((g.rows, g) for g in self.open.values())
+        self.open.clear()
+        return list(self.done)
 
 
 def schema_differences(spec: TableSpec, meta: Any) -> list[str]:

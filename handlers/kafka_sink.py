@@ -103,8 +103,12 @@ from pipeline import Batch, PartialFailure, Reject, RetryPolicy, Secret, Sink, s
 
 from . import arrow_codec
 
-__all__ = ["KafkaClientSettings", "KafkaSink", "KafkaSinkSettings", "client_options",
-           "resolve_compression"]
+__all__ = ["RETRY_ON_CONNECT", "KafkaClientSettings", "KafkaSink", "KafkaSinkSettings",
+           "client_options", "resolve_compression"]
+
+#: failures at start worth another attempt (a missing topic or bad settings are not)
+RETRY_ON_CONNECT: tuple[type[BaseException], ...] = (
+    ConnectionError, OSError, asyncio.TimeoutError, kafka_errors.KafkaError)
 
 # ruff: noqa: RUF009 - pipeline.setting() returns a dataclasses.field, ruff cannot tell
 
@@ -256,7 +260,8 @@ class KafkaSink(Sink):
                 "kafka_rows_already_written", "Rows skipped: the topic already holds them"),
         }
         try:
-            partitions = await s.connect_retry.call(self._connect, on_retry=self._log_retry)
+            partitions = await s.connect_retry.call(self._connect, retry_on=RETRY_ON_CONNECT,
+                                         on_retry=self._log_retry)
             if s.dedupe != "none":
                 await self._learn_written(partitions)
         except BaseException:

@@ -79,7 +79,7 @@ from aiokafka import errors as kafka_errors
 from pipeline import Source, setting
 
 from . import arrow_codec
-from .kafka_sink import KafkaClientSettings, client_options
+from .kafka_sink import RETRY_ON_CONNECT, KafkaClientSettings, client_options
 
 __all__ = ["KafkaSource", "KafkaSourceSettings", "Offset"]
 
@@ -185,7 +185,8 @@ class KafkaSource(Source):
             "commits": m.counter("kafka_offset_commits", "Offset commits"),
             "buffered": m.gauge("kafka_buffered_messages", "Fetched messages not yet emitted"),
         }
-        await s.connect_retry.call(self._connect, on_retry=self._log_retry)
+        await s.connect_retry.call(self._connect, retry_on=RETRY_ON_CONNECT,
+                                         on_retry=self._log_retry)
         self.set_connected(True)
         if s.health_interval > 0:
             self._watch = asyncio.create_task(self._watch_connection(),

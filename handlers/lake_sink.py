@@ -335,9 +335,11 @@ class LakeSink(Sink):
         table = await self._refuse_bad_rows(batch, table)
         if table.num_rows == 0:
             return
-        recs = pc.dictionary_encode(table.column("recording")).combine_chunks()
+        recs = pc.dictionary_encode(table.column("recording").combine_chunks())
         codes = recs.indices.to_numpy(zero_copy_only=False)
         ids = recs.dictionary.to_pylist()
+        for rec in ids:   # every directory known before any row is buffered
+            await self._recording(rec)
         seqs = table.column("seq").to_numpy().astype(np.int64, copy=False)
         order = np.lexsort((seqs, codes))
         codes, seqs = codes[order], seqs[order]
@@ -400,21 +402,25 @@ class LakeSink(Sink):
         table = batch.to_table()
         if "recording" not in table.schema.names or "rows_total" not in table.schema.names:
             raise Reject("recording_end event needs columns 'recording' and 'rows_total'")
-        pending = _Pending(self.defer(batch))
-        pending.parts = 1     # held until every recording of the event is handled
+        ends = []
         for row in table.select(["recording", "rows_total"]).to_pylist():
             rec, total = row["recording"], row["rows_total"]
             if not isinstance(rec, str) or not _ID.fullmatch(rec) or ".." in rec or \
                     not isinstance(total, int) or total < 0:
                 self.log.warning("lake.bad_end_event", recording=rec, rows_total=total)
                 continue
-            state = await self._recording(rec)
-            if state.end is not None:   # a repeated marker replaces the earlier one
-                state.end.pending.part_done()
-            pending.parts += 1
-            state.end = _End(total, time.monotonic() + self.settings.end_timeout, pending)
-            await self._check_end(state)
-        pending.part_done()
+            ends.append((await self._recording(rec), total))
+        pending = _Pending(self.defer(batch))
+        pending.parts = 1     # held until every recording of the event is handled
+        try:
+            for state, total in ends:
+                if state.end is not None:   # a repeated marker replaces the earlier one
+                    state.end.pending.part_done()
+                pending.parts += 1
+                state.end = _End(total, time.monotonic() + self.settings.end_timeout, pending)
+                await self._check_end(state)
+        finally:
+            pending.part_done()
 
     # -- recordings ------------------------------------------------------------------
     async def _recording(self, rec: str) -> _Recording:
@@ -485,7 +491,13 @@ class LakeSink(Sink):
             return
         k = (n - 1) // roll
         need = n - k * roll
-        have = await self._coverage(state, k, need)
+        try:
+            have = await self._coverage(state, k, need)
+        except WebHdfsError as exc:
+            if not force:   # the roll timer checks again
+                self.log.warning("lake.end_check_failed", recording=state.id, error=str(exc))
+                return
+            have = 0
         if have < need and not force and time.monotonic() < end.deadline:
             return
         if have < need:
@@ -528,7 +540,8 @@ class LakeSink(Sink):
             files = [f for f in state.files if f.overlaps(lo, hi)]
             if (block is not None and block.chunks) or len(files) > 1 or \
                     any(f.hidden for f in files):
-                await self._flush_block(state, k, compact=True, final=True, extra=[end.pending])
+                await self._flush_block(state, k, compact=True, final=True,
+                                        also_parents=[end.pending])
             elif files:   # already one file: announce it as final, no rewrite
                 f = files[0]
                 if f.rows is None:
@@ -544,11 +557,15 @@ class LakeSink(Sink):
 
     # -- flushing ----------------------------------------------------------------------
     async def _flush_block(self, state: _Recording, k: int, *, compact: bool,
-                           final: bool = False, extra: Sequence[_Pending] = ()) -> None:
-        """Make block ``k``'s buffered rows visible; never raises (failures dead-letter)."""
+                           final: bool = False, also_parents: Sequence[_Pending] = ()) -> None:
+        """Make block ``k``'s buffered rows visible; never raises (failures dead-letter).
+
+        ``also_parents``: further commits the segment event derives from (the end
+        marker), failed with the block's batches if the flush fails.
+        """
         s = self.settings
         block = state.blocks.get(k) or _Block(s.roll_rows)
-        pendings = [*block.pendings, *extra]
+        pendings = [*block.pendings, *also_parents]
         error: BaseException | None = None
         for attempt in range(1, s.flush_attempts + 1):
             t0 = time.perf_counter()
@@ -568,7 +585,7 @@ class LakeSink(Sink):
             if written is not None:
                 await self._announce(state, written, final,
                                      [p.deferred for p in pendings if not p.failed])
-            for p in pendings:
+            for p in block.pendings:
                 p.part_done()
             return
         state.blocks.pop(k, None)
@@ -631,12 +648,11 @@ class LakeSink(Sink):
             if not f.hidden:
                 await fs.delete(f.path)
                 state.files.remove(f)
-        if not await fs.rename(tmp, dest):
-            if await fs.exists(tmp):   # dest held by a file we did not know of
-                await fs.delete(dest)
-                if not await fs.rename(tmp, dest):
-                    raise WebHdfsError("RENAME", tmp, f"could not rename to {dest}")
-            # else: an earlier try of this rename went through and its answer was lost
+        # a False rename with tmp gone: an earlier try went through, its answer was lost
+        if not await fs.rename(tmp, dest) and await fs.exists(tmp):
+            await fs.delete(dest)   # held by a file we did not know of
+            if not await fs.rename(tmp, dest):
+                raise WebHdfsError("RENAME", tmp, f"could not rename to {dest}")
         state.files.remove(staged)
         written = _File(dest, first, last, merged.num_rows)
         state.files.append(written)

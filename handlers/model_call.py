@@ -562,7 +562,6 @@ class ModelCall(Processor):
             await self.emit(self._diagnoses(done), key="recording")
         if retry:
             raise PartialFailure(sorted(retry), cause or ModelServerError("failed"))
-        return
 
     def _jobs(self, table: pa.Table) -> tuple[list[_Job], dict[str, list[int]], list[int]]:
         """Group the windows by recording (in window order) into request entries."""

@@ -182,14 +182,18 @@ class MongoSink(Sink):
         self._refused: Any = None
 
     # -- lifecycle ------------------------------------------------------------------
-    async def start(self) -> None:
+    def _make_client(self) -> AsyncMongoClient[dict[str, Any]]:
         s = self.settings
-        self._client = AsyncMongoClient(
+        return AsyncMongoClient(
             s.url, username=s.username, password=s.password.get() if s.password else None,
             serverSelectionTimeoutMS=int(s.connect_timeout * 1000),
             connectTimeoutMS=int(s.connect_timeout * 1000),
             socketTimeoutMS=int(s.operation_timeout * 1000),
             appname="gaitflow", tz_aware=True)
+
+    async def start(self) -> None:
+        s = self.settings
+        self._client = self._make_client()
         try:
             info = await s.retry_policy.call(self._build_info, retry_on=(ConnectionFailure,),
                                              on_retry=self._on_retry)

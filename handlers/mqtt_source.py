@@ -8,7 +8,11 @@ target with the reason and never reach a sink.
 Payloads
     ``sample``: one JSON object per sample, as the original tutorial sent them:
     ``{"Patient": "GaCo01_01", "time": 0.01, "L1": ..., "R8": ..., "L": ..., "R": ...}``
-    (an optional ``"device"``); ``seq = round(time * 100)``.
+    (optional ``"device"`` and ``"seq"``); without ``"seq"``, ``seq = round(time * 100)``.
+    A clock slightly faster than 100 Hz (gaitpdb's is: 0.0099993 s per sample) makes
+    two consecutive samples round to the same seq about every 70 s; the second one is
+    dead-lettered ("sequence number collision") rather than silently overwriting the
+    first. Devices that send ``"seq"`` avoid it.
     ``batch``: ``{"device": ..., "recording": ..., "seq": <first seq>, "rows": [[19 numbers], ...]}``
     with the columns ``time, L1..L8, R1..R8, L, R``; row ``i`` has ``seq + i``.
     ``end``: ``{"device": ..., "recording": ..., "end": true, "rows_total": n}`` becomes a
@@ -115,7 +119,7 @@ SAMPLE_HZ = 100
 MAX_TIME = 1e9          # seconds; keeps seq = round(time * 100) far inside int64
 DEAD_LETTER_PREFIX = 4096
 _ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_SAMPLE_KEYS = frozenset({"Patient", "device", *COLUMNS})
+_SAMPLE_KEYS = frozenset({"Patient", "device", "seq", *COLUMNS})
 _BATCH_KEYS = frozenset({"device", "recording", "seq", "rows"})
 _END_KEYS = frozenset({"device", "recording", "end", "rows_total"})
 _NUMBER = frozenset({int, float})
@@ -132,12 +136,16 @@ class InvalidPayload(Exception):
 
 @dataclasses.dataclass(slots=True)
 class Samples:
-    """Valid rows of one message: ``values`` is (n, 19) float64 in ``COLUMNS`` order."""
+    """Valid rows of one message: ``values`` is (n, 19) float64 in ``COLUMNS`` order.
+
+    ``derived``: the seq was computed from the time (a sample payload without ``seq``).
+    """
 
     recording: str
     device: str
     seq: np.ndarray
     values: np.ndarray
+    derived: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -222,8 +230,14 @@ def _parse_sample(obj: dict[str, Any]) -> Samples:
         raise InvalidPayload(f"non-numeric value for {col!r}: {json.dumps(obj[col])[:40]}")
     arr = _to_array([values])
     _check_values(arr, single=True)
-    seq = np.rint(arr[:, 0] * SAMPLE_HZ).astype(np.int64)
-    return Samples(recording, _device(obj, recording), seq, arr)
+    explicit = obj.get("seq")
+    if explicit is None:
+        seq = np.rint(arr[:, 0] * SAMPLE_HZ).astype(np.int64)
+    elif type(explicit) is int and 0 <= explicit < 2**62:
+        seq = np.array([explicit], dtype=np.int64)
+    else:
+        raise InvalidPayload("\"seq\" must be an integer >= 0")
+    return Samples(recording, _device(obj, recording), seq, arr, derived=explicit is None)
 
 
 def _parse_batch(obj: dict[str, Any]) -> Samples:
@@ -299,6 +313,11 @@ class Timelines:
             return
         seq, t = prev
         t_first, t_last = float(s.values[0, 0]), float(s.values[-1, 0])
+        if s.derived and int(s.seq[0]) == seq and t_first > t:
+            raise InvalidPayload(
+                f"sequence number collision: time {t_first!r} s and the previous sample's "
+                f"{t!r} s both give seq {seq} = round(time * {SAMPLE_HZ}) (a device clock "
+                "faster than 100 Hz); send \"seq\" in the payload to keep every sample")
         if int(s.seq[0]) > seq and t_first <= t:
             raise InvalidPayload(
                 f"time going backwards across messages: sample {int(s.seq[0])} at {t_first!r} s "

@@ -290,10 +290,12 @@ class SparkAttempt:
         return self.state == "succeeded"
 
     def stderr_tail(self, lines: int = 40) -> str:
-        """The driver's last lines, from its last Python traceback when there is one."""
+        """The driver's last lines, from its last Python traceback when there is one,
+        without Java stack frames (the exception and its causes remain)."""
         text = list(self.tail)
         start = max((i for i, ln in enumerate(text) if ln.startswith("Traceback")), default=-1)
-        chosen = text[start:] if start >= 0 else text
+        chosen = [ln for ln in (text[start:] if start >= 0 else text)
+                  if not ln.lstrip().startswith(("at ", "... "))]
         return "\n".join(chosen[-lines:])
 
     def as_dict(self) -> dict[str, Any]:
@@ -338,7 +340,7 @@ class SparkSubmitter:
         poller = asyncio.create_task(self._poll(attempt))
         try:
             async with asyncio.timeout(s.job_timeout):
-                await proc.wait()
+                await _exited(proc)
         except TimeoutError:
             attempt.state = "timed_out"
             attempt.error = f"timed out after {s.job_timeout:g} s; process group killed"
@@ -432,13 +434,21 @@ class SparkSubmitter:
 
     async def _kill(self, proc: asyncio.subprocess.Process) -> None:
         _killpg(proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.s.kill_grace):
-                await proc.wait()
-        except TimeoutError:
-            pass
+                await _exited(proc)
         _killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                await _exited(proc)
+
+
+async def _exited(proc: asyncio.subprocess.Process) -> int:
+    """The exit status. Not ``proc.wait()``: on Python 3.11 that also waits for every
+    process holding the output pipes (a stray Python worker) to close them."""
+    while proc.returncode is None:
+        await asyncio.sleep(0.1)
+    return proc.returncode
 
 
 def _killpg(pgid: int, sig: int) -> None:
@@ -710,13 +720,16 @@ class SparkJob(Processor):
             paths = "\n".join(sorted(seg.path for seg in ready))
             digest = hashlib.sha256(f"{s.features}\n{paths}".encode()).hexdigest()[:20]
             job = _Job(f"{s.features[0]}{digest}", ready)
-            self._running[job.job_id] = job
-            job.task = asyncio.create_task(self._run_job(job), name=f"{self.name}:{job.job_id}")
             self.log.info("spark_job.queued", job_id=job.job_id, segments=len(ready),
                           recordings=len(job.recordings))
+            self._start_job(job)
             self._gauges()
             self._signal()
         return None
+
+    def _start_job(self, job: _Job) -> None:
+        self._running[job.job_id] = job
+        job.task = asyncio.create_task(self._run_job(job), name=f"{self.name}:{job.job_id}")
 
     # -- one job ----------------------------------------------------------------------
     async def _run_job(self, job: _Job) -> None:

@@ -4,7 +4,7 @@ training uses (``ml.features``).
 Run by ``spark-submit`` (the ``spark_job`` handler builds the command)::
 
     spark-submit --master local[*] --py-files ml.zip spark/features_job.py --spec-json '{...}'
-    spark-submit ... spark/features_job.py --spec hdfs://127.0.0.1:8020/gaitflow/features/_jobs/ID.json
+    spark-submit ... spark/features_job.py --spec hdfs://127.0.0.1:8020/gaitflow/features/_specs/ID.json
     spark-submit ... spark/features_job.py --full hdfs://127.0.0.1:8020/gaitflow/raw \\
         --output hdfs://127.0.0.1:8020/gaitflow/features/job=backfill [--features baseline]
 

@@ -39,7 +39,7 @@ def chromium_path() -> str | None:
 def _apt_prefix() -> list[str]:
     if os.geteuid() == 0:
         return []
-    if shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"],
+    if shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], check=False,
                                                capture_output=True).returncode == 0:
         return ["sudo", "-n"]
     raise ToolError("chromium is missing and installing it needs root: run "
@@ -59,7 +59,8 @@ def ensure_chromium(say: object = print) -> str:
     say(f"== chromium: installing {' '.join(APT_PACKAGES)} with apt-get")  # type: ignore[operator]
     for cmd in (["apt-get", "update", "-q"],
                 ["apt-get", "install", "-y", "-q", *APT_PACKAGES]):
-        proc = subprocess.run([*prefix, *cmd], env=env, capture_output=True, text=True)
+        proc = subprocess.run([*prefix, *cmd], check=False, env=env, capture_output=True,
+                              text=True)
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
             raise ToolError(f"`{' '.join(cmd)}` failed with exit code {proc.returncode}:\n{tail}")

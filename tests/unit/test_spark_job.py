@@ -27,7 +27,6 @@ FAKE_SUBMIT = textwrap.dedent('''\
     """A stand-in for spark-submit: follows the plan file, one action per run."""
     import json, os, subprocess, sys, time
     from urllib.parse import urlsplit
-    import pyarrow as pa, pyarrow.parquet as pq
 
     root, plan_file = os.environ["FAKE_ROOT"], os.environ["FAKE_PLAN"]
     args = sys.argv[1:]
@@ -73,6 +72,7 @@ FAKE_SUBMIT = textwrap.dedent('''\
         sys.exit(3)
     out = root + urlsplit(spec["output"]).path
     if action != "nosuccess":
+        import pyarrow as pa, pyarrow.parquet as pq
         os.makedirs(out, exist_ok=True)
         rows = [dict(recording=r, window=k, window_key=f"{{r}}:{{k}}", seq_first=500 * k,
                      seq_last=500 * k + 999, f1=float(k)) for r in spec["recordings"]
@@ -195,6 +195,16 @@ def spark(tmp_path: Path, cluster: FakeCluster) -> Callable[..., dict[str, Any]]
     return section
 
 
+@pytest.fixture
+def build(make_runtime: Callable[..., Runtime]) -> Callable[..., Runtime]:
+    """``build(handlers, **runtime)``: a runtime that gives slow fake runs time to drain."""
+
+    def make(handlers: dict[str, dict[str, Any]], **runtime: Any) -> Runtime:
+        return make_runtime(handlers, runtime={"drain_timeout": 60, **runtime})
+
+    return make
+
+
 def events(recording: str, n: int, *, final_last: bool = True, root: str = "/lake/raw",
            first: int = 0) -> list[dict[str, Any]]:
     return [{"path": f"{root}/date=2026-12-04/recording={recording}/"
@@ -265,10 +275,10 @@ def test_settings_rejected(key: str, value: Any, needle: str) -> None:
 
 
 async def test_features_emitted_per_recording_and_events_committed(
-        make_runtime: Callable[..., Runtime], spark: Callable[..., dict[str, Any]],
+        build: Callable[..., Runtime], spark: Callable[..., dict[str, Any]],
         cluster: FakeCluster) -> None:
     rows = events("GaCo01_01", 3) + events("GaPt03_01", 2, final_last=False)
-    rt = make_runtime(pipeline(spark(["ok"], trigger_on_final=False), rows))  # one job
+    rt = build(pipeline(spark(["ok"], trigger_on_final=False), rows))  # one job
     report = await rt.run()
     assert report.ok and report.unacked == 0, report
     assert len(rt.handlers["src"].committed) == 3  # every event acknowledged upstream
@@ -299,10 +309,10 @@ async def test_features_emitted_per_recording_and_events_committed(
 
 
 async def test_paths_with_a_scheme_and_large_specs_via_hdfs(
-        make_runtime: Callable[..., Runtime], spark: Callable[..., dict[str, Any]],
+        build: Callable[..., Runtime], spark: Callable[..., dict[str, Any]],
         cluster: FakeCluster) -> None:
     rows = events("GaCo02_01", 1, root="hdfs://other:9000/lake")
-    rt = make_runtime(pipeline(spark(["ok"], spec_inline_max=0, keep_outputs=True), rows))
+    rt = build(pipeline(spark(["ok"], spec_inline_max=0, keep_outputs=True), rows))
     assert (await rt.run()).ok
     [call] = cluster.calls()
     assert "--spec" in call["argv"] and "--spec-json" not in call["argv"]
@@ -315,7 +325,7 @@ async def test_paths_with_a_scheme_and_large_specs_via_hdfs(
 
 
 async def test_malformed_events_are_dead_lettered(
-        make_runtime: Callable[..., Runtime], spark: Callable[..., dict[str, Any]]) -> None:
+        build: Callable[..., Runtime], spark: Callable[..., dict[str, Any]]) -> None:
     good = events("GaCo01_01", 1)
     bad = [
         {"path": "/lake/raw/date=1/recording=../x/part-1.parquet", "recording": "../x"},
@@ -324,7 +334,7 @@ async def test_malformed_events_are_dead_lettered(
         {"path": "/lake/raw/date=*/recording=GaCo01_01/part-1.parquet",
          "recording": "GaCo01_01"},
     ]
-    rt = make_runtime(pipeline(spark(["ok"]), good + bad, batch_size=5))
+    rt = build(pipeline(spark(["ok"]), good + bad, batch_size=5))
     report = await rt.run()
     assert report.ok and report.unacked == 0
     dead = [r for b in rt.handlers["dlq"].batches for r in b.to_pylist()]
@@ -336,8 +346,8 @@ async def test_malformed_events_are_dead_lettered(
 
 
 async def test_not_segment_events_rejected_whole(
-        make_runtime: Callable[..., Runtime], spark: Callable[..., dict[str, Any]]) -> None:
-    rt = make_runtime(pipeline(spark(), [{"seq": 1, "value": 2.0}]))
+        build: Callable[..., Runtime], spark: Callable[..., dict[str, Any]]) -> None:
+    rt = build(pipeline(spark(), [{"seq": 1, "value": 2.0}]))
     assert (await rt.run()).ok
     [row] = rt.handlers["dlq"].batches[0].to_pylist()
     assert "not a segment event" in row["reason"]
@@ -347,10 +357,10 @@ async def test_not_segment_events_rejected_whole(
 
 
 async def test_failing_job_is_retried_then_dead_lettered_with_driver_error(
-        make_runtime: Callable[..., Runtime], spark: Callable[..., dict[str, Any]],
+        build: Callable[..., Runtime], spark: Callable[..., dict[str, Any]],
         cluster: FakeCluster) -> None:
     rows = events("GaPt05_02", 2)
-    rt = make_runtime(pipeline(spark(["fail", "fail"]), rows))
+    rt = build(pipeline(spark(["fail", "fail"]), rows))
     report = await rt.run()
     assert report.ok and report.unacked == 0  # dead-lettered counts as handled
     assert [c["action"] for c in cluster.calls()] == ["fail", "fail"]
@@ -368,8 +378,8 @@ async def test_failing_job_is_retried_then_dead_lettered_with_driver_error(
 
 
 async def test_crash_without_report_is_retried_and_succeeds(
-        make_runtime: Callable[..., Runtime], spark: Callable[..., dict[str, Any]]) -> None:
-    rt = make_runtime(pipeline(spark(["crash", "ok"]), events("GaCo03_01", 1)))
+        build: Callable[..., Runtime], spark: Callable[..., dict[str, Any]]) -> None:
+    rt = build(pipeline(spark(["crash", "ok"]), events("GaCo03_01", 1)))
     assert (await rt.run()).ok
     assert rt.handlers["sink"].row_count == 2
     [job] = rt.handlers["spark"].status()["recent"]
@@ -380,8 +390,8 @@ async def test_crash_without_report_is_retried_and_succeeds(
 
 
 async def test_missing_success_marker_is_a_failure(
-        make_runtime: Callable[..., Runtime], spark: Callable[..., dict[str, Any]]) -> None:
-    rt = make_runtime(pipeline(spark(["nosuccess", "ok"]), events("GaCo03_01", 1)))
+        build: Callable[..., Runtime], spark: Callable[..., dict[str, Any]]) -> None:
+    rt = build(pipeline(spark(["nosuccess", "ok"]), events("GaCo03_01", 1)))
     assert (await rt.run()).ok
     [job] = rt.handlers["spark"].status()["recent"]
     assert "no _SUCCESS marker" in job["attempts"][0]["error"]
@@ -389,9 +399,9 @@ async def test_missing_success_marker_is_a_failure(
 
 
 async def test_timeout_kills_the_process_group(
-        make_runtime: Callable[..., Runtime], spark: Callable[..., dict[str, Any]],
+        build: Callable[..., Runtime], spark: Callable[..., dict[str, Any]],
         tmp_path: Path) -> None:
-    rt = make_runtime(pipeline(spark(["hang", "ok"], job_timeout=3), events("GaCo04_01", 1)))
+    rt = build(pipeline(spark(["hang", "ok"], job_timeout=3), events("GaCo04_01", 1)))
     assert (await rt.run()).ok
     [job] = rt.handlers["spark"].status()["recent"]
     first = job["attempts"][0]
@@ -403,9 +413,9 @@ async def test_timeout_kills_the_process_group(
 
 
 async def test_killed_job_is_detected_and_retried(
-        make_runtime: Callable[..., Runtime], spark: Callable[..., dict[str, Any]],
+        build: Callable[..., Runtime], spark: Callable[..., dict[str, Any]],
         cluster: FakeCluster) -> None:
-    rt = make_runtime(pipeline(spark(["hang", "ok"]), events("GaCo05_01", 1)))
+    rt = build(pipeline(spark(["hang", "ok"]), events("GaCo05_01", 1)))
     run = asyncio.create_task(rt.run())
     handler: SparkJob = rt.handlers["spark"]  # type: ignore[assignment]
 
@@ -431,13 +441,13 @@ async def test_killed_job_is_detected_and_retried(
 
 
 async def test_a_recording_is_never_in_two_running_jobs(
-        make_runtime: Callable[..., Runtime], spark: Callable[..., dict[str, Any]],
+        build: Callable[..., Runtime], spark: Callable[..., dict[str, Any]],
         cluster: FakeCluster) -> None:
     # one event every 0.3 s, a job per event (max_segments=1) that takes 1 s, 2 slots
     rows = [*events("GaCo06_01", 1, final_last=False), *events("GaPt06_01", 1, final_last=False),
             *events("GaCo06_01", 2, first=1)]
     section = spark(["sleep:1"] * 4, max_segments=1, max_jobs=2, max_wait=60.0)
-    rt = make_runtime(pipeline(section, rows, batch_size=1, interval=0.3))
+    rt = build(pipeline(section, rows, batch_size=1, interval=0.3))
     assert (await rt.run()).ok
     calls = cluster.calls()
     spans: dict[str, list[tuple[float, float]]] = {}
@@ -460,9 +470,8 @@ class _Recorder(SparkJob):
 
     launched: list[list[str]]
 
-    async def _run_job(self, job: Any) -> None:
+    def _start_job(self, job: Any) -> None:
         self.launched.append(sorted(seg.path for seg in job.segments))
-        self._running.pop(job.job_id, None)
 
 
 def _add(h: SparkJob, rec: str, n: int, final: bool = False, age: float = 0.0) -> None:
@@ -499,11 +508,11 @@ def test_triggers() -> None:
 
 
 async def test_intake_waits_when_too_many_segments_pend(
-        make_runtime: Callable[..., Runtime], spark: Callable[..., dict[str, Any]]) -> None:
+        build: Callable[..., Runtime], spark: Callable[..., dict[str, Any]]) -> None:
     rows = events("GaCo07_01", 6, final_last=False)
     # at most 2 pending: the third event waits until a job took the first two
     section = spark(["sleep:0.5"] * 3, max_pending=2, max_segments=2, max_wait=60.0)
-    rt = make_runtime(pipeline(section, rows, batch_size=1))
+    rt = build(pipeline(section, rows, batch_size=1))
     assert (await rt.run()).ok
     handler: SparkJob = rt.handlers["spark"]  # type: ignore[assignment]
     assert [j["segments"] for j in handler.status()["recent"]] == [2, 2, 2]
@@ -514,12 +523,12 @@ async def test_intake_waits_when_too_many_segments_pend(
 
 
 async def test_shutdown_cancel_kills_the_job_and_leaves_events_unacked(
-        make_runtime: Callable[..., Runtime], spark: Callable[..., dict[str, Any]],
+        build: Callable[..., Runtime], spark: Callable[..., dict[str, Any]],
         cluster: FakeCluster, tmp_path: Path) -> None:
     section = spark(["hang"], on_shutdown="cancel", max_wait=60.0)
     # a source that keeps going (its generated rows are rejected: not segment events)
-    rt = make_runtime(pipeline(section, events("GaCo08_01", 2), forever=True, interval=0.5),
-                      runtime={"drain_timeout": 1})
+    rt = build(pipeline(section, events("GaCo08_01", 2), forever=True, interval=0.5),
+               drain_timeout=1)
     run = asyncio.create_task(rt.run())
     handler: SparkJob = rt.handlers["spark"]  # type: ignore[assignment]
     await wait_for(lambda: (tmp_path / "child0.pid").exists())
@@ -533,11 +542,10 @@ async def test_shutdown_cancel_kills_the_job_and_leaves_events_unacked(
 
 
 async def test_status_health_and_admin_route(
-        make_runtime: Callable[..., Runtime], spark: Callable[..., dict[str, Any]]) -> None:
+        build: Callable[..., Runtime], spark: Callable[..., dict[str, Any]]) -> None:
     section = spark(["sleep:2"])
-    rt = make_runtime(pipeline(section, events("GaCo09_01", 1)), runtime={
-        "admin_enabled": True, "admin_port": 0,
-        "admin_extensions": ["handlers.spark_job:admin_routes"]})
+    rt = build(pipeline(section, events("GaCo09_01", 1)), admin_enabled=True, admin_port=0,
+               admin_extensions=["handlers.spark_job:admin_routes"])
     run = asyncio.create_task(rt.run())
     handler: SparkJob = rt.handlers["spark"]  # type: ignore[assignment]
     await wait_for(lambda: handler.status()["running"]
