@@ -1,7 +1,7 @@
 """cassandra_sink throughput: rows/s upserted, beside one non-prepared INSERT per row.
 
-    python bench/cassandra.py                     # 60 000 rows through the sink
-    python bench/cassandra.py --rows 200000 --concurrency 32,128,512 --batch-size 1000
+    python bench/cassandra.py                     # 60 000 rows, three sink runs
+    python bench/cassandra.py --rows 200000 --runs 1:64,20:128,50:128 --batch-size 1000
     python bench/cassandra.py --connection-class asyncio
 
 Needs Cassandra on 127.0.0.1:9042 (``python -m stack up cassandra``). Rows are
@@ -12,9 +12,11 @@ Figures, in the same run and the same keyspace (dropped at the end):
 
 sink
     the pipeline path: a source emits batches of ``--batch-size`` rows into a
-    ``cassandra_sink`` (contract ``samples``, prepared INSERT per row, at most
-    ``--concurrency`` statements in flight); rows/s from the first emit to the
-    last upstream acknowledgement, i.e. every row durably acknowledged.
+    ``cassandra_sink`` (contract ``samples``, a prepared INSERT per row, the rows
+    of a partition grouped into UNLOGGED batches of ``batch_rows``, at most
+    ``max_concurrency`` statements in flight, one run per ``--runs`` entry);
+    rows/s from the first emit to the last upstream acknowledgement, i.e.
+    every row acknowledged by Cassandra.
 baseline
     the naive way: ``session.execute("INSERT ... VALUES (%s, ...)", row)`` for
     one row after the other, the values formatted into the CQL text by the
@@ -36,12 +38,12 @@ HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
+import numpy as np
+import pyarrow as pa
 
-from handlers.cassandra_sink import contract_spec  # noqa: E402
-from pipeline import NoSettings, Runtime, Source  # noqa: E402
-from pipeline.log import configure_logging  # noqa: E402
+from handlers.cassandra_sink import contract_spec
+from pipeline import NoSettings, Runtime, Source
+from pipeline.log import configure_logging
 
 _TABLE: pa.Table | None = None
 _BATCH_SIZE = 1000
@@ -98,8 +100,8 @@ def sample_table(rows: int) -> tuple[pa.Table, str]:
     return pa.table(part), "synthetic"
 
 
-async def run_sink(keyspace: str, table: str, concurrency: int, connection_class: str,
-                   port: int) -> float:
+async def run_sink(keyspace: str, table: str, batch_rows: int, concurrency: int,
+                   connection_class: str, port: int) -> float:
     TableSource.committed = 0
     rt = Runtime.from_dict({
         "runtime": {"admin_enabled": False, "capacity": 8, "drain_timeout": 600},
@@ -108,6 +110,7 @@ async def run_sink(keyspace: str, table: str, concurrency: int, connection_class
                        "on_failure": "stop"},
             "cassandra": {"type": "cassandra_sink", "keyspace": keyspace, "table": table,
                           "contract": "samples", "max_concurrency": concurrency,
+                          "batch_rows": batch_rows,
                           "connection_class": connection_class, "port": port,
                           "on_failure": "stop"},
         }}, file="bench")
@@ -167,13 +170,15 @@ async def main(args: argparse.Namespace) -> None:
           f"connection_class={args.connection_class}, keyspace {keyspace}", flush=True)
     results = []
     try:
-        for i, concurrency in enumerate(args.concurrency):
-            elapsed = await run_sink(keyspace, f"samples_{i}", concurrency,
+        for i, (batch_rows, concurrency) in enumerate(args.runs):
+            elapsed = await run_sink(keyspace, f"samples_{i}", batch_rows, concurrency,
                                      args.connection_class, args.port)
             rate = _TABLE.num_rows / elapsed
-            results.append((f"sink, max_concurrency {concurrency}", rate))
-            print(f"  sink (prepared, {concurrency:>4} in flight): {rate:>10,.0f} rows/s "
-                  f"({_TABLE.num_rows:,} rows in {elapsed:.2f} s)", flush=True)
+            results.append((f"sink, batch_rows {batch_rows}, max_concurrency {concurrency}",
+                            rate))
+            print(f"  sink (prepared, batch_rows {batch_rows:>3}, {concurrency:>4} in flight): "
+                  f"{rate:>10,.0f} rows/s ({_TABLE.num_rows:,} rows in {elapsed:.2f} s)",
+                  flush=True)
         base = _TABLE.slice(0, args.baseline_rows)
         elapsed = await asyncio.to_thread(run_baseline, keyspace, base, args.port)
         rate = base.num_rows / elapsed
@@ -192,8 +197,10 @@ if __name__ == "__main__":
     parser.add_argument("--rows", type=int, default=60_000)
     parser.add_argument("--baseline-rows", type=int, default=3_000)
     parser.add_argument("--batch-size", type=int, default=1000)
-    parser.add_argument("--concurrency", type=lambda t: [int(x) for x in t.split(",")],
-                        default=[64, 256])
+    parser.add_argument(
+        "--runs", default=[(1, 64), (20, 64), (20, 256)],
+        type=lambda t: [tuple(int(v) for v in x.split(":")) for x in t.split(",")],
+        help="sink runs as batch_rows:max_concurrency,... (default 1:64,20:64,20:256)")
     parser.add_argument("--connection-class", choices=["libev", "asyncio"], default="libev")
     parser.add_argument("--port", type=int, default=9042)
     parser.add_argument("--log", default="warning")

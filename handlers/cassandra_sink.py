@@ -94,8 +94,6 @@ from pipeline import Batch, PartialFailure, Reject, RetryPolicy, Secret, Sink, s
 __all__ = ["CassandraSink", "CassandraSinkSettings", "SchemaMismatch", "TableSpec",
            "contract_spec", "cql_type_ok", "quote"]
 
-# ruff: noqa: RUF009 - pipeline.setting() returns a dataclasses.field, ruff cannot tell
-
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")
 _DC_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _SIMPLE_TYPES = frozenset({

@@ -31,11 +31,12 @@ JSON API (behind the admin token):
     that does not exist yet answers an empty result with a ``note``.
 ``GET /api/recordings/<id>/diagnosis``
     the diagnosis document (by ``_id`` = recording, as es_sink writes it), or 404.
-``GET /api/recordings/<id>/signals?points=1000&heat=300``
+``GET /api/recordings/<id>/signals?points=1000&heat=300&start=&end=``
     the recording's raw samples read from the lake through WebHDFS
     (``<lake_root>/date=*/recording=<id>/part-*.parquet``; a sample stored under two
-    dates counts once), downsampled server-side; 404 when the lake has none,
-    413 beyond ``max_lake_bytes``.
+    dates counts once), downsampled server-side, optionally to a time range in
+    seconds (the page's zoom); 404 when the lake has none, 413 beyond
+    ``max_lake_bytes``.
 
 Settings: no configuration of its own to keep in sync. ``setup(app, runtime)``
 takes the Elasticsearch hosts, credentials and index from the pipeline's
@@ -50,7 +51,9 @@ and close with it.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import math
 import os
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -104,51 +107,44 @@ class GaitDashboardSettings:
     request_timeout: float = 15.0
 
 
-def _first(settings: Any, *names: str) -> Any:
-    for name in names:
-        value = getattr(settings, name, None)
-        if value not in (None, "", []):
-            return value
-    return None
+#: the handler types whose settings the dashboard reuses: type name -> class name
+_SOURCES = {"es_sink": "EsSink", "lake_sink": "LakeSink", "spark_job": "SparkJob"}
+
+
+def _handler_settings(runtime: Runtime | None) -> dict[str, Any]:
+    """The settings of the first handler of each type in ``_SOURCES`` (by type or class)."""
+    found: dict[str, Any] = {}
+    for h in runtime.config.handlers.values() if runtime is not None else ():
+        cls_name = h.cls.__name__ if h.cls is not None else h.type.rsplit(":", 1)[-1]
+        for type_name, known_cls in _SOURCES.items():
+            if h.type == type_name or cls_name == known_cls:
+                found.setdefault(type_name, h.settings)
+    return found
 
 
 def settings_from_runtime(runtime: Runtime | None,
                           env: Mapping[str, str] | None = None) -> GaitDashboardSettings:
-    """Defaults, then the pipeline's es_sink / lake_sink / spark_job settings, then env."""
+    """Defaults, then the pipeline's es_sink / lake_sink (else spark_job) settings, then env."""
     env = os.environ if env is None else env
-    found: dict[str, Any] = {}
-    handlers = runtime.config.handlers.values() if runtime is not None else ()
-    by_type: dict[str, Any] = {}
-    for h in handlers:
-        kind = h.type.rsplit(":", 1)[-1].lower()
-        for known, cls_name in (("es_sink", "essink"), ("lake_sink", "lakesink"),
-                                ("spark_job", "sparkjob")):
-            if kind in (known, cls_name) or (h.cls is not None
-                                             and h.cls.__name__.lower() == cls_name):
-                by_type.setdefault(known, h.settings)
+    by_type = _handler_settings(runtime)
+    values: dict[str, Any] = {}
     if (es := by_type.get("es_sink")) is not None:
-        hosts = _first(es, "hosts")
-        found.update(es_hosts=tuple(hosts) if isinstance(hosts, list | tuple) else
-                     (hosts,) if hosts else None,
-                     es_index=_first(es, "index"), es_username=_first(es, "username"),
-                     es_password=_first(es, "password"), es_api_key=_first(es, "api_key"),
-                     es_ca_file=_first(es, "ca_file", "ca_certs"))
-    for source in (by_type.get("spark_job"), by_type.get("lake_sink")):  # lake_sink wins
-        if source is not None:
-            found.update({k: v for k, v in {
-                "webhdfs_url": _first(source, "webhdfs_url", "url", "webhdfs", "namenode_url"),
-                "hdfs_user": _first(source, "hdfs_user", "user"),
-                "lake_root": _first(source, "lake_root", "root")}.items() if v is not None})
+        values.update(es_hosts=tuple(es.hosts), es_index=es.index, es_username=es.username,
+                      es_password=es.password, es_api_key=es.api_key,
+                      es_ca_file=str(es.ca_file) if es.ca_file else None)
+    if (lake := by_type.get("lake_sink")) is not None:
+        values.update(webhdfs_url=lake.url, hdfs_user=lake.user, lake_root=lake.root)
+    elif (job := by_type.get("spark_job")) is not None:  # same NameNode, default lake root
+        values.update(webhdfs_url=job.webhdfs_url, hdfs_user=job.hdfs_user)
+    hosts = env.get(f"{ENV_PREFIX}ES_HOSTS", "")
     overrides = {
-        "es_hosts": tuple(h.strip() for h in env[f"{ENV_PREFIX}ES_HOSTS"].split(",") if h.strip())
-        if env.get(f"{ENV_PREFIX}ES_HOSTS") else None,
+        "es_hosts": tuple(h.strip() for h in hosts.split(",") if h.strip()) or None,
         "es_index": env.get(f"{ENV_PREFIX}ES_INDEX"),
         "webhdfs_url": env.get(f"{ENV_PREFIX}WEBHDFS_URL"),
         "hdfs_user": env.get(f"{ENV_PREFIX}HDFS_USER"),
         "lake_root": env.get(f"{ENV_PREFIX}LAKE_ROOT"),
     }
-    found.update({k: v for k, v in overrides.items() if v})
-    values = {k: (str(v) if k == "es_ca_file" else v) for k, v in found.items() if v is not None}
+    values.update({k: v for k, v in overrides.items() if v})
     return GaitDashboardSettings(**values)
 
 
@@ -272,6 +268,19 @@ async def _diagnosis(request: web.Request) -> web.Response:
     return web.json_response(doc)
 
 
+def _float_param(request: web.Request, name: str) -> float | None:
+    raw = request.query.get(name, "")
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):
+        raise web.HTTPBadRequest(text=f"{name}: expected seconds, got {raw[:20]!r}")
+    return value
+
+
 def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
     raw = request.query.get(name, "")
     try:
@@ -285,6 +294,7 @@ async def _signals(request: web.Request) -> web.Response:
     recording = _recording_id(request)
     points = _int_param(request, "points", 1000, 50, 5000)
     heat = _int_param(request, "heat", 300, 10, 2000)
+    start, end = _float_param(request, "start"), _float_param(request, "end")
     backend = request.app[_BACKEND_KEY]
     s = backend.settings
     assert backend.lake is not None
@@ -297,6 +307,8 @@ async def _signals(request: web.Request) -> web.Response:
         return _error(503, f"lake read failed: {exc}")
     if table is None or table.num_rows == 0:
         return _error(404, f"no samples of {recording} in the lake under {s.lake_root}")
-    out = downsample(table, points, heat)
+    out = await asyncio.to_thread(downsample, table, points, heat, start, end)
+    if out is None:
+        return _error(404, f"no samples of {recording} between {start} and {end} s")
     out.update(recording=recording, files=len(paths), lake_paths=paths[:20])
     return web.json_response(out)

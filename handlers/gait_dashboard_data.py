@@ -250,16 +250,38 @@ def _buckets(n: int, count: int) -> np.ndarray:
     return np.unique(np.linspace(0, n, min(count, n) + 1).astype(np.int64)[:-1])
 
 
-def downsample(table: pa.Table, points: int = 1000, heat_columns: int = 300) -> dict[str, Any]:
+def _time(table: pa.Table) -> np.ndarray:
+    if "time" in table.column_names:
+        return np.nan_to_num(table.column("time").to_numpy(zero_copy_only=False).astype(float))
+    return table.column("seq").to_numpy() / 100.0  # the contract's 100 Hz
+
+
+def downsample(table: pa.Table, points: int = 1000, heat_columns: int = 300,
+               start: float | None = None, end: float | None = None) -> dict[str, Any] | None:
     """L/R totals as mean, min and max per bucket (``points`` buckets, peaks kept) and a
-    per-sensor heatmap (``heat_columns`` buckets of mean force), ready for JSON."""
+    per-sensor heatmap (``heat_columns`` buckets of mean force), ready for JSON.
+
+    ``start``/``end`` (seconds) keep a time range (zoom); ``full_start``/``full_end``
+    give the whole recording's. None when the range holds no sample.
+    """
+    all_time = _time(table)
+    full = (round(float(all_time[0]), 3), round(float(all_time[-1]), 3))
+    if start is not None or end is not None:
+        keep = np.ones(len(all_time), dtype=bool)
+        if start is not None:
+            keep &= all_time >= start
+        if end is not None:
+            keep &= all_time <= end
+        table = table.filter(pa.array(keep))
     n = table.num_rows
+    if n == 0:
+        return None
 
     def col(name: str) -> np.ndarray:
         return np.nan_to_num(table.column(name).to_numpy(zero_copy_only=False).astype(np.float64))
 
     seq = table.column("seq").to_numpy()
-    time = col("time") if "time" in table.column_names else seq / 100.0
+    time = _time(table)
     starts = _buckets(n, points)
     counts = np.diff(np.append(starts, n))
 
@@ -268,7 +290,7 @@ def downsample(table: pa.Table, points: int = 1000, heat_columns: int = 300) -> 
 
     out: dict[str, Any] = {
         "rows": n, "seq_first": int(seq[0]), "seq_last": int(seq[-1]),
-        "duration_s": round(float(time[-1] - time[0]), 3),
+        "duration_s": round(full[1] - full[0], 3), "full_start": full[0], "full_end": full[1],
         "time": r(np.add.reduceat(time, starts) / counts, 3),
     }
     sensors = [s for s in SENSORS if s in table.column_names]

@@ -110,8 +110,6 @@ __all__ = ["RETRY_ON_CONNECT", "KafkaClientSettings", "KafkaSink", "KafkaSinkSet
 RETRY_ON_CONNECT: tuple[type[BaseException], ...] = (
     ConnectionError, OSError, asyncio.TimeoutError, kafka_errors.KafkaError)
 
-# ruff: noqa: RUF009 - pipeline.setting() returns a dataclasses.field, ruff cannot tell
-
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 
 
@@ -205,7 +203,7 @@ class KafkaSinkSettings(KafkaClientSettings):
     max_message_bytes: int = setting(
         900_000, doc="encoded value size above which a message is split (keep under the "
                      "broker's message.max.bytes)", min=1024)
-    linger_ms: int = setting(2, doc="producer linger: wait this long to batch requests", min=0)
+    linger_ms: int = setting(0, doc="producer linger: wait this long to batch requests", min=0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -261,7 +259,7 @@ class KafkaSink(Sink):
         }
         try:
             partitions = await s.connect_retry.call(self._connect, retry_on=RETRY_ON_CONNECT,
-                                         on_retry=self._log_retry)
+                                                    on_retry=self._log_retry)
             if s.dedupe != "none":
                 await self._learn_written(partitions)
         except BaseException:
@@ -463,9 +461,7 @@ class KafkaSink(Sink):
         names = data.schema.names
         if s.message_key not in names:
             raise Reject(f"no column {s.message_key!r} (message_key) in the batch")
-        keys = data.column(s.message_key)
-        invalid = pc.is_null(keys)
-        reason = f"null {s.message_key!r}"
+        checked = [s.message_key]
         if s.dedupe == "seq":
             if s.seq_column not in names:
                 raise Reject(f"no column {s.seq_column!r} (seq_column) in the batch; "
@@ -473,24 +469,44 @@ class KafkaSink(Sink):
             if not pa.types.is_integer(data.schema.field(s.seq_column).type):
                 raise Reject(f"column {s.seq_column!r} must be an integer column, found "
                              f"{data.schema.field(s.seq_column).type}")
-            invalid = pc.or_(invalid, pc.is_null(data.column(s.seq_column)))
-            reason += f" or null {s.seq_column!r}"
+            checked.append(s.seq_column)
         elif s.dedupe == "key":
             if batch.key is None or batch.key not in names:
                 raise Reject("dedupe = \"key\" needs batches with a key column (Batch.key)")
-            invalid = pc.or_(invalid, pc.is_null(data.column(batch.key)))
-            reason += f" or null key {batch.key!r}"
-        invalid_np = np.asarray(invalid.to_numpy(zero_copy_only=False), dtype=bool)
-        rejected = np.flatnonzero(invalid_np).tolist()
-        rejections = [(reason, rejected)] if rejected else []
+            checked.append(batch.key)
+        n = data.num_rows
+        invalid = np.zeros(n, dtype=bool)
+        for name in checked:
+            col = data.column(name)
+            if col.null_count:
+                invalid |= np.asarray(pc.is_null(col).to_numpy(zero_copy_only=False), dtype=bool)
+        rejected = np.flatnonzero(invalid).tolist()
+        rejections = []
+        if rejected:
+            reason = " or ".join(f"null {c!r}" for c in checked)
+            rejections.append((reason, rejected))
+        # rows by message key, each group in batch order: one dictionary pass, one stable sort
+        column = data.column(s.message_key)
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        encoded = pc.dictionary_encode(column)
+        values = encoded.dictionary.to_pylist()
+        codes = np.asarray(encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False))
+        codes = np.where(invalid, -1, codes)
         groups: dict[str, list[_Message]] = {}
-        valid_keys = pc.filter(keys, pc.invert(invalid)) if rejected else keys
-        for value in pc.unique(valid_keys).to_pylist():
-            mask = pc.and_(pc.equal(keys, pa.scalar(value, keys.type)), pc.invert(invalid))
-            positions = np.flatnonzero(
-                np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool)).astype(np.int64)
-            rows = data.take(pa.array(positions))
-            group = str(value)
+        if len(values) == 1 and not rejected:
+            splits = [(0, np.arange(n, dtype=np.int64))]
+        else:
+            order = np.argsort(codes, kind="stable")
+            sorted_codes = codes[order]
+            bounds = np.flatnonzero(np.diff(sorted_codes)) + 1
+            splits = [(int(codes[part[0]]), part.astype(np.int64))
+                      for part in np.split(order, bounds) if len(part)]
+        for code, positions in splits:
+            if code < 0:
+                continue
+            group = str(values[code])
+            rows = data if len(positions) == n else data.take(pa.array(positions))
             rows, positions = self._new_rows(group, rows, positions, batch.key)
             if len(positions):
                 messages = self._messages(rows, positions, batch, rejections)
@@ -504,9 +520,10 @@ class KafkaSink(Sink):
         s = self.settings
         before = len(positions)
         if s.dedupe == "seq":
-            order = pc.sort_indices(rows.column(s.seq_column)).to_numpy()  # stable
-            rows, positions = rows.take(pa.array(order)), positions[order]
             seq = np.asarray(rows.column(s.seq_column).to_numpy(zero_copy_only=False))
+            if len(seq) > 1 and not (np.diff(seq) > 0).all():  # not already strictly increasing
+                order = np.argsort(seq, kind="stable")
+                rows, positions, seq = rows.take(pa.array(order)), positions[order], seq[order]
             keep = np.ones(len(seq), dtype=bool)
             keep[1:] = seq[1:] != seq[:-1]
             mark = self.high_water.get(group)

@@ -84,8 +84,6 @@ from .kafka_sink import RETRY_ON_CONNECT, KafkaClientSettings, client_options
 __all__ = ["KafkaSource", "KafkaSourceSettings", "Offset"]
 
 
-# ruff: noqa: RUF009 - pipeline.setting() returns a dataclasses.field, ruff cannot tell
-
 @dataclasses.dataclass(frozen=True)
 class KafkaSourceSettings(KafkaClientSettings):
     topics: list[str] = setting(["gaitflow.samples"], doc="topics to consume")
@@ -185,8 +183,12 @@ class KafkaSource(Source):
             "commits": m.counter("kafka_offset_commits", "Offset commits"),
             "buffered": m.gauge("kafka_buffered_messages", "Fetched messages not yet emitted"),
         }
-        await s.connect_retry.call(self._connect, retry_on=RETRY_ON_CONNECT,
-                                         on_retry=self._log_retry)
+        try:
+            await s.connect_retry.call(self._connect, retry_on=RETRY_ON_CONNECT,
+                                       on_retry=self._log_retry)
+        except BaseException:
+            await self._stop_consumer()
+            raise
         self.set_connected(True)
         if s.health_interval > 0:
             self._watch = asyncio.create_task(self._watch_connection(),

@@ -60,7 +60,6 @@ Guarantees
 
 Settings: see :class:`SparkJobSettings` (``python run.py --describe spark_job``).
 """
-# ruff: noqa: RUF009 - pipeline.setting() returns a dataclasses.field, ruff cannot tell
 from __future__ import annotations
 
 import asyncio
@@ -211,10 +210,12 @@ def build_ml_zip(dest_dir: Path) -> Path:
 
 
 def job_script() -> Path:
-    spec = importlib.util.find_spec("spark.features_job")
-    if spec is None or spec.origin is None:
-        raise RuntimeError("spark/features_job.py not found on sys.path")
-    return Path(spec.origin)
+    """``spark/features_job.py``, installed beside this package (not looked up as the
+    module ``spark``: a script named ``spark.py``, like ``bench/spark.py``, shadows it)."""
+    path = Path(__file__).resolve().parent.parent / "spark" / "features_job.py"
+    if not path.is_file():
+        raise RuntimeError(f"the Spark job is missing: {path}")
+    return path
 
 
 def _is_local(master: str) -> bool:
@@ -513,8 +514,11 @@ class _Job:
     state: str = "queued"  # queued running backoff emitting succeeded dead_lettered cancelled
     attempts: list[SparkAttempt] = dataclasses.field(default_factory=list)
     rows_out: int = 0
+    parent: str | None = None  # the job this one was split from
+    spec_path: str | None = None  # a spec written to HDFS (large jobs)
     created: float = dataclasses.field(default_factory=time.monotonic)
     task: asyncio.Task[None] | None = None
+    active: _Job | None = None  # the (sub-)job running now
 
     @property
     def recordings(self) -> list[str]:
@@ -525,8 +529,9 @@ class _Job:
         return {seg.recording for seg in self.segments if seg.final}
 
     def as_dict(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "state": self.state, "segments": len(self.segments),
-                "recordings": self.recordings, "rows_out": self.rows_out,
+        return {"job_id": self.job_id, "state": self.state, "parent": self.parent,
+                "segments": len(self.segments), "recordings": self.recordings,
+                "rows_out": self.rows_out,
                 "age_seconds": round(time.monotonic() - self.created, 3),
                 "attempts": [a.as_dict() for a in self.attempts]}
 
@@ -717,9 +722,7 @@ class SparkJob(Processor):
                 return wait
             for seg in ready:
                 del self._pending[seg.path]
-            paths = "\n".join(sorted(seg.path for seg in ready))
-            digest = hashlib.sha256(f"{s.features}\n{paths}".encode()).hexdigest()[:20]
-            job = _Job(f"{s.features[0]}{digest}", ready)
+            job = _Job(self._job_id(ready), ready)
             self.log.info("spark_job.queued", job_id=job.job_id, segments=len(ready),
                           recordings=len(job.recordings))
             self._start_job(job)
@@ -734,7 +737,7 @@ class SparkJob(Processor):
     # -- one job ----------------------------------------------------------------------
     async def _run_job(self, job: _Job) -> None:
         try:
-            await self._execute(job)
+            await self._settle(job, self.settings.job_retry.max_attempts, job)
         except asyncio.CancelledError:
             job.state = "cancelled"
             self.log.warning("spark_job.cancelled", job_id=job.job_id)
@@ -742,7 +745,10 @@ class SparkJob(Processor):
         except Exception as exc:  # noqa: BLE001 - a bug here must not strand the events
             self.log.error("spark_job.crashed", job_id=job.job_id,
                            error=f"{type(exc).__name__}: {exc}")
-            await self._give_up(job, f"spark_job crashed: {type(exc).__name__}: {exc}", exc)
+            open_segments = [seg for seg in job.segments
+                             if any(d.pending for d in seg.deferreds)]
+            await self._give_up(_Job(job.job_id, open_segments),
+                                f"spark_job crashed: {type(exc).__name__}: {exc}", exc)
         finally:
             self._running.pop(job.job_id, None)
             self._history.append(job)
@@ -751,16 +757,68 @@ class SparkJob(Processor):
                 self._wake.set()
             self._signal()
 
-    async def _execute(self, job: _Job) -> None:
-        s, policy = self.settings, self.settings.job_retry
+    async def _settle(self, job: _Job, attempts: int, top: _Job) -> None:
+        """Run ``job``; when it keeps failing, dead-letter only the recordings at fault.
+
+        A corrupt segment must not take the other recordings of its job down: the
+        recordings the driver's error names are dead-lettered and the others rerun;
+        when it names none, each recording reruns alone, once.
+        """
+        top.active = job
+        if await self._attempts(job, attempts):
+            return
+        reason, error = self._failure(job)
+        recordings = job.recordings
+        if len(recordings) == 1:
+            await self._give_up(job, reason, error)
+            return
+        last = job.attempts[-1]
+        text = f"{last.error}\n" + "\n".join(last.tail)
+        culprits = {r for r in recordings if f"recording={r}/" in text}
+        if culprits and len(culprits) < len(recordings):
+            job.state = "isolating"
+            bad = [seg for seg in job.segments if seg.recording in culprits]
+            await self._give_up(_Job(job.job_id, bad, parent=top.job_id), reason, error)
+            rest = [seg for seg in job.segments if seg.recording not in culprits]
+            await self._child(rest, self.settings.job_retry.max_attempts, top)
+        else:
+            job.state = "split"
+            self.log.warning("spark_job.split", job_id=job.job_id, recordings=len(recordings))
+            for rec in recordings:
+                await self._child([seg for seg in job.segments if seg.recording == rec], 1, top)
+
+    async def _child(self, segments: list[_Segment], attempts: int, top: _Job) -> None:
+        child = _Job(self._job_id(segments), segments, parent=top.job_id)
+        try:
+            await self._settle(child, attempts, top)
+        finally:
+            self._history.append(child)
+
+    def _job_id(self, segments: list[_Segment]) -> str:
+        """Deterministic from the segment set: a rerun overwrites its own output."""
+        features = self.settings.features
+        text = "\n".join([features, *sorted(seg.path for seg in segments)])
+        return features[0] + hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    def _failure(self, job: _Job) -> tuple[str, SparkJobError]:
+        last = job.attempts[-1]
+        reason = (f"spark job {job.job_id} failed after {len(job.attempts)} attempt(s): "
+                  f"{last.error}")
+        tail = last.stderr_tail(self.settings.stderr_lines)
+        return reason, SparkJobError(
+            f"{last.error}\n--- driver output (tail) ---\n{tail}" if tail else str(last.error))
+
+    async def _attempts(self, job: _Job, attempts: int) -> bool:
+        """Run the job until it succeeds (features emitted, True) or ``attempts`` ran."""
+        policy = self.settings.job_retry
         assert self._submitter is not None
-        for number in range(1, policy.max_attempts + 1):
+        for number in range(1, attempts + 1):
             attempt = SparkAttempt(job.job_id, number)
             job.attempts.append(attempt)
             job.state = "running"
             self._m["attempts"].inc()
-            self.log.info("spark_job.submit", job_id=job.job_id, attempt=number,
-                          of=policy.max_attempts, segments=len(job.segments))
+            self.log.info("spark_job.submit", job_id=job.job_id, attempt=number, of=attempts,
+                          segments=len(job.segments), recordings=len(job.recordings))
             features: pa.Table | None = None
             try:
                 await self._submitter.run(attempt, await self._job_args(job))
@@ -769,7 +827,6 @@ class SparkJob(Processor):
                     self.set_connected(True)
             except (WebHdfsError, OSError, pa.ArrowException) as exc:
                 attempt.state, attempt.error = "failed", f"lake I/O: {type(exc).__name__}: {exc}"
-
             self._m["last_seconds"].set(round(attempt.seconds, 3))
             if attempt.ok and features is not None:
                 job.state = "emitting"
@@ -780,22 +837,18 @@ class SparkJob(Processor):
                 self.log.info("spark_job.succeeded", job_id=job.job_id, attempt=number,
                               seconds=round(attempt.seconds, 1), rows=job.rows_out,
                               recordings=len(job.recordings))
-                return
+                return True
             self._m["failures"].inc()
             if attempt.state == "timed_out":
                 self._m["timeouts"].inc()
-            self.log.warning("spark_job.failed", job_id=job.job_id, attempt=number,
-                             of=policy.max_attempts, state=attempt.state, error=attempt.error,
+            self.log.warning("spark_job.failed", job_id=job.job_id, attempt=number, of=attempts,
+                             state=attempt.state, error=attempt.error,
                              exit_code=attempt.exit_code)
-            if number < policy.max_attempts:
+            if number < attempts:
                 job.state = "backoff"
                 await asyncio.sleep(policy.delay(number))
-        last = job.attempts[-1]
-        reason = (f"spark job {job.job_id} failed after {len(job.attempts)} attempt(s): "
-                  f"{last.error}")
-        tail = last.stderr_tail(s.stderr_lines)
-        await self._give_up(job, reason, SparkJobError(
-            f"{last.error}\n--- driver output (tail) ---\n{tail}" if tail else str(last.error)))
+        job.state = "failed"
+        return False
 
     async def _job_args(self, job: _Job) -> list[str]:
         s = self.settings
@@ -813,9 +866,9 @@ class SparkJob(Processor):
         if len(text.encode()) <= s.spec_inline_max:
             return ["--spec-json", text]
         assert self._hdfs is not None
-        path = f"{s.features_root}/_specs/{job.job_id}.json"
-        await self._hdfs.create(path, text.encode())
-        return ["--spec", f"{s.hdfs_url.rstrip('/')}{path}"]
+        job.spec_path = f"{s.features_root}/_specs/{job.job_id}.json"
+        await self._hdfs.create(job.spec_path, text.encode())
+        return ["--spec", f"{s.hdfs_url.rstrip('/')}{job.spec_path}"]
 
     async def _read_output(self, job: _Job) -> pa.Table:
         assert self._hdfs is not None
@@ -848,7 +901,7 @@ class SparkJob(Processor):
     async def _cleanup(self, job: _Job) -> None:
         s = self.settings
         assert self._hdfs is not None
-        targets = [f"{s.features_root}/_specs/{job.job_id}.json"]
+        targets = [job.spec_path] if job.spec_path else []
         if not s.keep_outputs:
             targets.append(f"{s.features_root}/job={job.job_id}")
         for path in targets:
@@ -877,7 +930,8 @@ class SparkJob(Processor):
     def _gauges(self) -> None:
         if not self._m:
             return
-        attempts = [j.attempts[-1] for j in self._running.values() if j.attempts]
+        current = [j.active or j for j in self._running.values()]
+        attempts = [j.attempts[-1] for j in current if j.attempts]
         self._m["running"].set(len(self._running))
         self._m["pending"].set(len(self._pending))
         for key in ("tasks_done", "tasks_total", "stages_done", "stages_total"):
@@ -889,7 +943,8 @@ class SparkJob(Processor):
 
     def _summary(self) -> str:
         parts = []
-        for job in self._running.values():
+        for top in self._running.values():
+            job = top.active or top
             a = job.attempts[-1] if job.attempts else None
             text = f"job {job.job_id} {job.state}"
             if a is not None:

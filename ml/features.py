@@ -47,6 +47,7 @@ __all__ = [
     "DEFAULT_STEP_S",
     "DEFAULT_WINDOW_S",
     "FEATURE_NAMES",
+    "FEATURES_VERSION",
     "FS",
     "SENSOR_XY",
     "GaitEvents",
@@ -56,10 +57,13 @@ __all__ = [
     "features_frame",
     "gait_events",
     "recording_features",
+    "sensor_series",
     "window_features",
     "window_starts",
 ]
 
+#: Bump when any feature's definition changes (models record it).
+FEATURES_VERSION = "1"
 FS = 100.0
 DEFAULT_WINDOW_S = 10.0
 DEFAULT_STEP_S = 5.0
@@ -540,6 +544,30 @@ def recording_features(x: np.ndarray, fs: float = FS, window_s: float = DEFAULT_
     for i, s in enumerate(starts):
         feats[i] = window_features(x[s : s + w], fs)
     return starts, feats
+
+
+def sensor_series(x: np.ndarray, fs: float = FS, window_s: float = DEFAULT_WINDOW_S,
+                  step_s: float = DEFAULT_STEP_S, decimate: int = 2) -> np.ndarray:  # fmt: skip
+    """The 16 sensor forces of every complete window, for time-series models.
+
+    Each window's sensors are divided by its mean total force (body weight) and
+    averaged over blocks of ``decimate`` samples (100 Hz -> 50 Hz by default).
+    Returns float32 ``(k, 16, window_rows // decimate)``, windows as in
+    :func:`recording_features`.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != len(COLUMNS):
+        raise ValueError(f"expected an (n, {len(COLUMNS)}) array, got {x.shape}")
+    w, _ = _window_rows(fs, window_s, step_s)
+    starts = window_starts(x.shape[0], fs, window_s, step_s)
+    length = w // decimate
+    out = np.empty((starts.size, 16, length), dtype=np.float32)
+    for i, s in enumerate(starts):
+        win = x[s : s + length * decimate]
+        bw = max(float((win[:, _L_TOTAL] + win[:, _R_TOTAL]).mean()), 1e-6)
+        sens = np.clip(win[:, 1:17], 0.0, None).T / bw
+        out[i] = sens.reshape(16, length, decimate).mean(axis=2)
+    return out
 
 
 def features_frame(df: pd.DataFrame, *, id_col: str = "recording_id", seq_col: str = "seq",

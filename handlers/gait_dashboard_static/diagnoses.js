@@ -75,8 +75,9 @@
   function probCell(p) {
     const fill = el("span", { class: "pbar-fill " + (p >= 0.5 ? "parkinson" : "control") });
     fill.style.width = (100 * p).toFixed(1) + "%";
-    return el("td", { class: "pcell" }, el("span", { class: "pbar" }, fill, el("span", { class: "pmark" })),
-      el("span", { class: "num pnum" }, p === null || p === undefined ? "–" : p.toFixed(3)));
+    return el("td", {}, el("div", { class: "pcell" },
+      el("span", { class: "pbar" }, fill, el("span", { class: "pmark" })),
+      el("span", { class: "num pnum" }, p === null || p === undefined ? "–" : p.toFixed(3))));
   }
 
   function render(res) {
@@ -102,11 +103,11 @@
     const c = res.confusion;
     for (const k of ["tp", "fn", "fp", "tn"]) document.getElementById("cm-" + k).textContent = int(c[k]);
     clear(document.getElementById("scores")).append(
-      score("recordings", int(res.total), `${int(c.n)} with a known true label`),
+      score("recordings", int(res.total), `${int(c.n)} with a true label`),
       score("accuracy", c.accuracy === null ? "–" : pct(c.accuracy), "(TP + TN) / n"),
       score("sensitivity", c.sensitivity === null ? "–" : pct(c.sensitivity), "TP / (TP + FN)"),
       score("specificity", c.specificity === null ? "–" : pct(c.specificity), "TN / (TN + FP)"),
-      score("mean probability", res.mean_probability === null ? "–" : res.mean_probability.toFixed(3),
+      score("mean P", res.mean_probability === null ? "–" : res.mean_probability.toFixed(3),
         "of parkinson"));
     const select = form.elements.model_version;
     const chosen = select.value;

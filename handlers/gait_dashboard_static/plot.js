@@ -35,8 +35,8 @@
 
   function label(v) {
     const a = Math.abs(v);
-    return a >= 1000 ? (v / 1000).toFixed(a >= 10000 ? 0 : 1) + "k" : a >= 10 || v === 0
-      ? v.toFixed(0) : v.toFixed(1);
+    if (a >= 1000) return (v / 1000).toFixed(a >= 10000 ? 0 : 1) + "k";
+    return String(+v.toFixed(a >= 100 ? 0 : 2));  // 3.25 stays 3.25, 3.0 becomes 3
   }
 
   function axes(ctx, box, xs, ys, xTitle, yTitle) {
@@ -96,6 +96,7 @@
       ctx.lineWidth = 1.4; ctx.strokeStyle = s.color; ctx.lineJoin = "round"; ctx.stroke();
     }
     ctx.restore();
+    canvas.plotMap = { l: box.l, r: box.r, x0, x1 };
     canvas.dataset.points = String(x.length);
     canvas.dataset.series = opts.series.map((s) => s.name).join(",");
   }
@@ -135,6 +136,7 @@
     }
     axes(ctx, box, ticks(x0, x1, Math.max(4, Math.floor(w / 90))).map((v) => [v, px(v)]), [],
       opts.xTitle, "");
+    canvas.plotMap = { l: box.l, r: box.r, x0, x1 };
     canvas.dataset.rows = String(rows);
     canvas.dataset.cols = String(cols);
   }

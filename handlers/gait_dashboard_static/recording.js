@@ -6,6 +6,8 @@
   const base = "/api/recordings/" + encodeURIComponent(recording);
   const COLORS = { L: "#2563eb", R: "#e11d48" };
   let signals = null, diagnosis = null;
+  let zoom = null;            // [start, end] seconds, or null for the whole recording
+  let signalsSeq = 0;
 
   function fact(label, value, sub, kind) {
     return el("div", { class: "card" + (kind ? " " + kind : "") }, el("div", { class: "card-label" }, label),
@@ -24,9 +26,10 @@
       box.append(
         fact("diagnosis", d.label, right === null ? "" : right ? "matches the true label" : "differs from the true label",
           right === null ? "" : right ? "ok" : "bad"),
-        fact("probability of parkinson", d.probability.toFixed(3), "threshold 0.5"),
+        fact("P(parkinson)", d.probability.toFixed(3), "decision threshold 0.5"),
         fact("model", d.model_version || "–", `${int(d.n_windows)} windows`),
-        fact("diagnosed at", d.diagnosed_at ? new Date(d.diagnosed_at).toISOString().replace("T", " ").slice(0, 19) : "–", "UTC"));
+        fact("diagnosed at", d.diagnosed_at ? new Date(d.diagnosed_at).toISOString().slice(11, 19) : "–",
+          d.diagnosed_at ? new Date(d.diagnosed_at).toISOString().slice(0, 10) + " UTC" : ""));
     }
     if (signals) {
       box.append(fact("samples", int(signals.rows), `seq ${int(signals.seq_first)}–${int(signals.seq_last)}`),
@@ -43,6 +46,8 @@
     });
     document.getElementById("force-hint").textContent =
       `${int(s.rows)} samples shown as ${int(s.time.length)} points (mean, band = min–max)`;
+    document.getElementById("zoom-range").textContent = zoom
+      ? `showing ${s.time[0].toFixed(1)}–${s.time[s.time.length - 1].toFixed(1)} s of ${s.full_end.toFixed(1)} s` : "";
     const hm = s.heatmap;
     Plot.heatmap(document.getElementById("heatmap"), {
       x: hm.time, rows: hm.sensors, values: hm.values, max: hm.max, xTitle: "time (s)",
@@ -88,9 +93,71 @@
       `${probs.length} windows · ${above} at or above 0.5 · recording probability ${diagnosis.probability.toFixed(3)}`;
   }
 
+  function signalsUrl() {
+    const q = new URLSearchParams({ points: "1000", heat: "300" });
+    if (zoom) { q.set("start", zoom[0].toFixed(3)); q.set("end", zoom[1].toFixed(3)); }
+    return base + "/signals?" + q.toString();
+  }
+
+  /** Re-read the signals for the current zoom and redraw the plots. */
+  async function reloadSignals() {
+    const mine = ++signalsSeq;
+    document.body.dataset.loaded = "false";
+    try {
+      const s = await api(signalsUrl());
+      if (mine === signalsSeq) { signals = s; drawSignals(); }
+    } catch (e) {
+      if (mine === signalsSeq) GF.setConn("error: " + e.message, "bad");
+    } finally {
+      if (mine === signalsSeq) document.body.dataset.loaded = "true";
+    }
+  }
+
+  function setZoom(range) {
+    if (range && signals) {
+      const [a, b] = [Math.max(signals.full_start, range[0]), Math.min(signals.full_end, range[1])];
+      zoom = b - a >= 0.2 ? [a, b] : null;
+    } else {
+      zoom = null;
+    }
+    reloadSignals();
+  }
+
+  // drag across a plot to zoom on that time range
+  function wireZoom(canvas) {
+    const sel = canvas.parentElement.querySelector(".sel");
+    let from = null;
+    const xOf = (ev) => ev.clientX - canvas.getBoundingClientRect().left;
+    const clamp = (x) => Math.min(canvas.plotMap.r, Math.max(canvas.plotMap.l, x));
+    canvas.addEventListener("mousedown", (ev) => {
+      if (!canvas.plotMap) return;
+      from = clamp(xOf(ev));
+      sel.hidden = false; sel.style.left = from + "px"; sel.style.width = "0px";
+    });
+    window.addEventListener("mousemove", (ev) => {
+      if (from === null) return;
+      const x = clamp(xOf(ev));
+      sel.style.left = Math.min(from, x) + "px"; sel.style.width = Math.abs(x - from) + "px";
+    });
+    window.addEventListener("mouseup", (ev) => {
+      if (from === null) return;
+      const x = clamp(xOf(ev)), m = canvas.plotMap;
+      sel.hidden = true;
+      const t = (px) => m.x0 + ((px - m.l) / (m.r - m.l)) * (m.x1 - m.x0);
+      if (Math.abs(x - from) >= 5) setZoom([t(Math.min(from, x)), t(Math.max(from, x))]);
+      from = null;
+    });
+    canvas.addEventListener("dblclick", () => setZoom(null));
+  }
+  ["force", "heatmap"].forEach((id) => wireZoom(document.getElementById(id)));
+  document.querySelectorAll("[data-zoom]").forEach((b) => b.addEventListener("click", () => {
+    const v = b.dataset.zoom;
+    setZoom(v === "all" || !signals ? null : [signals.full_start, signals.full_start + parseFloat(v)]);
+  }));
+
   async function load() {
     const failures = [];
-    const [d, s] = await Promise.allSettled([api(base + "/diagnosis"), api(base + "/signals")]);
+    const [d, s] = await Promise.allSettled([api(base + "/diagnosis"), api(signalsUrl())]);
     diagnosis = d.status === "fulfilled" ? d.value : null;
     signals = s.status === "fulfilled" ? s.value : null;
     const forceMsg = document.getElementById("force-msg");

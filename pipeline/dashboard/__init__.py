@@ -36,8 +36,8 @@ fragment never reaches a server or a log and is removed from the address bar).
   the standard ones is listed; a pair ``<x>_done`` / ``<x>_total`` (gauges, or
   a counter ``<x>_done`` which renders as ``<x>_done_total``) becomes a progress
   bar, e.g. ``spark_tasks_done`` / ``spark_tasks_total`` → "spark tasks 12/40";
-* an optional ``dashboard_status()`` (or else ``status()``) method on the handler
-  returning a JSON-able dict (spark_job's ``status()``: jobs running and recent);
+* an optional ``dashboard_status()`` (or else ``status()``) plain (not async),
+  cheap method on the handler returning a JSON-able dict (spark_job's ``status()``: jobs running and recent);
   a ``"progress": {"done": d, "total": t, "label": "..."}`` entry (or a list of
   them) is drawn as a bar, other entries as key/value lines (nested values
   folded).
@@ -48,6 +48,7 @@ serve their shells with :func:`page` (same header, token handling and CSS).
 from __future__ import annotations
 
 import html
+import inspect
 import json
 import math
 import re
@@ -196,10 +197,11 @@ def handler_extras(runtime: Runtime) -> dict[str, dict[str, Any]]:
             total = metrics.get(f"{m.group(1)}_total") if m else None
             if m and total is not None:
                 entry["progress"].append({"label": m.group(1).replace("_", " "),
-                                          "done": value, "total": total})
+                                          "done": value, "total": total,
+                                          "metrics": [key, f"{m.group(1)}_total"]})
         handler = runtime.handlers[name]
         hook = getattr(handler, "dashboard_status", None) or getattr(handler, "status", None)
-        if callable(hook):
+        if callable(hook) and not inspect.iscoroutinefunction(hook):  # a plain method only
             try:
                 info = hook()
                 info = json.loads(json.dumps(info, default=str)) if info else {}

@@ -255,6 +255,19 @@ class Browser:
             await self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left",
                             clickCount=1)
 
+    async def drag(self, selector: str, x_from: float, x_to: float, y: float = 0.5) -> None:
+        """Press, move and release the mouse across the element (fractions of its box)."""
+        box = await self.box(selector)
+        py = box["y"] + box["height"] * y
+        points = [box["x"] + box["width"] * (x_from + (x_to - x_from) * i / 8) for i in range(9)]
+        await self.send("Input.dispatchMouseEvent", type="mousePressed", x=points[0], y=py,
+                        button="left", clickCount=1)
+        for px in points[1:]:
+            await self.send("Input.dispatchMouseEvent", type="mouseMoved", x=px, y=py,
+                            button="left", buttons=1)
+        await self.send("Input.dispatchMouseEvent", type="mouseReleased", x=points[-1], y=py,
+                        button="left", clickCount=1)
+
     async def box(self, selector: str) -> dict[str, float]:
         """The element's box in viewport CSS pixels (scrolled into view first)."""
         box = await self.eval(f"""(() => {{
@@ -282,6 +295,8 @@ class Browser:
         """Save a PNG of the page (the whole document by default); return its bytes."""
         params: dict[str, Any] = {"format": "png"}
         if full_page:
+            # from the top, so sticky headers are drawn where they belong
+            await self.eval("window.scrollTo(0, 0)")
             size = await self.eval("({w: document.documentElement.scrollWidth, "
                                    "h: document.documentElement.scrollHeight})")
             params.update(captureBeyondViewport=True, clip={

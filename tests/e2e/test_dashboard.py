@@ -160,7 +160,8 @@ async def test_pipeline_page_live_graph_rates_and_login(browser: Browser, tmp_pa
     doc = pipeline_doc(tmp_path, extensions=["pipeline.dashboard:setup"], token=TOKEN, extra={
         # rows without the "value" column: Threshold rejects them -> dead letters
         "bad": {"type": "memory_source", "rows": [{"seq": i} for i in range(3)],
-                "batch_size": 1, "outputs": ["clean"]},
+                "batch_size": 1, "forever": True, "interval": 0.2, "start": 100,
+                "outputs": ["clean"]},
         "clean": {"type": "pipeline.examples.threshold:Threshold", "outputs": ["store"]},
         "job": {"type": f"e2e_progress_{RUN}:Progress", "outputs": ["store"]},
     })
@@ -181,14 +182,12 @@ async def test_pipeline_page_live_graph_rates_and_login(browser: Browser, tmp_pa
         await browser.click("#login button")
         await browser.wait_for("document.body.dataset.loaded === 'true'")
         # rates need two polls; wait for the source's rate to show
-        await browser.wait_for("/[0-9.]+ (k )?\\/s/.test(document.querySelector("
-                               "'#handlers tr[data-handler=sensors] td:nth-child(4)').textContent)"
-                               " && !/^0\\/s$/.test(document.querySelector("
-                               "'#handlers tr[data-handler=sensors] td:nth-child(4)').textContent)",
+        await browser.wait_for(r"/^(?!0\/s)[0-9.]+( [kMGT])?\/s$/.test(document.querySelector("
+                               "'#handlers tr[data-handler=sensors] td[data-col=rate-out]').textContent)",
                                timeout=20)
         await browser.wait_for("document.querySelector('#extras .progress') !== null", timeout=20)
         await browser.wait_for("/^[1-9]/.test(document.querySelector("
-                               "'#handlers tr[data-handler=clean] td:nth-child(12)').textContent)")
+                               "'#handlers tr[data-handler=clean] td[data-col=dead-letters]').textContent)")
         await browser.click("#handlers tr[data-handler=relay]")
         await browser.wait_for("!document.getElementById('details-panel').hidden")
         await asyncio.sleep(1.6)  # one more poll: every number settled
@@ -208,9 +207,11 @@ async def test_pipeline_page_live_graph_rates_and_login(browser: Browser, tmp_pa
         assert ("8" in {c for _, c in depths}) and ("16" in {c for _, c in depths}), depths
         table = await browser.text("#handlers tbody")
         assert re.search(r"\d+ / 8", table) and re.search(r"\d+ / 16", table), table
-        row = await browser.eval("[...document.querySelectorAll("
-                                 "'#handlers tr[data-handler=clean] td')].map(t => t.textContent)")
-        assert row[11].startswith("3"), row  # 3 dead letters from the rejected rows
+        row = await browser.eval("Object.fromEntries([...document.querySelectorAll("
+                                 "'#handlers tr[data-handler=clean] td')].map(t => "
+                                 "[t.dataset.col, t.textContent]))")
+        assert row["dead-letters"] == "3", row  # the 3 rejected rows, one batch each
+        assert row["errors"] == "0 · 0" and row["state"] == "running", row
         cards = await browser.eval("Object.fromEntries([...document.querySelectorAll('#cards "
                                    ".card')].map(c => [c.querySelector('.card-label').textContent, "
                                    "c.querySelector('.card-value').textContent]))")
@@ -331,9 +332,10 @@ async def wait_rows(page: Browser, expected: list[str]) -> None:
 # -- the diagnoses page -----------------------------------------------------------------------
 @pytest.mark.usefixtures("gait_env")
 async def test_diagnoses_page_search_and_filters(browser: Browser, tmp_path: Path) -> None:
-    doc = pipeline_doc(tmp_path, extensions=["handlers.gait_dashboard:setup"])
+    doc = pipeline_doc(tmp_path, extensions=["handlers.gait_dashboard:setup"], token=TOKEN)
     async with Runtime.from_dict(doc) as rt:
-        await browser.goto(f"{rt.admin_url}/diagnoses")
+        # "#token=" signs in (kept in sessionStorage for the tab, dropped from the address)
+        await browser.goto(f"{rt.admin_url}/diagnoses#token={TOKEN}")
         everyone = [r for r, _, _ in DIAGNOSES]
         await wait_rows(browser, everyone)
         text = await browser.text("#diagnoses tbody")
@@ -374,7 +376,9 @@ async def test_diagnoses_page_search_and_filters(browser: Browser, tmp_path: Pat
         assert href in ("/recordings/SiCo03_01", "/recordings/SiCo04_01")
         assert browser.console_errors == [], browser.console_errors
 
-        async with aiohttp.ClientSession() as http, \
+        assert TOKEN not in await browser.eval("location.href")
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        async with aiohttp.ClientSession(headers=auth) as http, \
                 http.get(f"{rt.admin_url}/api/diagnoses?min_p=2") as resp:
             assert resp.status == 400
             assert "min_p" in (await resp.json())["error"]
@@ -404,6 +408,22 @@ async def test_recording_page_plots_signals_and_window_probabilities(
         assert browser.console_errors == [], browser.console_errors
         await shoot(browser, "recording", {"force plot": "#force", "heatmap": "#heatmap",
                                            "window probabilities": "#windows svg"})
+
+        # zoom: a preset, then a drag across the plot (re-read from the lake, finer points)
+        await browser.click("button[data-zoom='10']")
+        await browser.wait_for("document.getElementById('zoom-range').textContent"
+                               ".startsWith('showing 0.0–10.0 s of 120.0 s')")
+        await browser.wait_for("document.body.dataset.loaded === 'true'")
+        assert await browser.eval("+document.getElementById('force').dataset.points") == 1000
+        await browser.drag("#force", 0.3, 0.6)
+        zoomed = await browser.wait_for("(t => /^showing [1-9]\\.\\d–\\d\\.\\d s of/.test(t) && t)"
+                                        "(document.getElementById('zoom-range').textContent)")
+        lo, hi = map(float, re.match(r"showing ([\d.]+)–([\d.]+) s", zoomed).groups())
+        assert 1.5 < lo < hi < 8.0 and hi - lo > 2.0, zoomed  # about 30 %..60 % of 0-10 s
+        await browser.wait_for("document.body.dataset.loaded === 'true'")
+        await shoot(browser, "recording-zoomed", {"force plot": "#force", "heatmap": "#heatmap"})
+        await browser.click("button[data-zoom='all']")
+        await browser.wait_for("document.getElementById('zoom-range').textContent === ''")
 
         # a recording with a diagnosis but no samples in the lake: explained, not broken
         await browser.goto(f"{rt.admin_url}/recordings/SiCo04_01")

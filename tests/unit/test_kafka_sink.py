@@ -255,7 +255,7 @@ async def test_missing_topic_without_create_fails_start(make_runtime: Any) -> No
 
 async def test_replay_after_restart_skips_rows_already_in_the_topic(
         make_runtime: Any, broker: FakeBroker) -> None:
-    first = sample_rows(["A", "B", "C"], range(0, 300))
+    first = sample_rows(["A", "B", "C"], range(300))
     await pipeline(make_runtime, first).run()
     # the "restarted" pipeline replays from seq 150 (upstream never acknowledged them)
     # and goes on to 500: only 300..499 are new

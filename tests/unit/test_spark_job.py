@@ -67,6 +67,12 @@ FAKE_SUBMIT = textwrap.dedent('''\
               file=sys.stderr, flush=True)
         say("failed", error="SparkRuntimeException: part-9.parquet is not a Parquet file")
         sys.exit(1)
+    if action.startswith("fail_rec:"):  # the error names the corrupt segment's path
+        bad = f"hdfs://fake:8020/lake/raw/date=1/recording={{action[9:]}}/part-7.parquet"
+        print(f"Caused by: java.lang.RuntimeException: {{bad}} is not a Parquet file",
+              file=sys.stderr, flush=True)
+        say("failed", error=f"Py4JJavaError: ... | {{bad}} is not a Parquet file")
+        sys.exit(1)
     if action == "crash":
         print("java.lang.OutOfMemoryError: Java heap space", file=sys.stderr, flush=True)
         sys.exit(3)
@@ -375,6 +381,42 @@ async def test_failing_job_is_retried_then_dead_lettered_with_driver_error(
     m = rt.metrics
     assert m.value("spark_job_failures", "spark") == 2
     assert m.value("spark_jobs_dead_lettered", "spark") == 1
+
+
+async def test_only_the_recording_named_by_the_error_is_dead_lettered(
+        build: Callable[..., Runtime], spark: Callable[..., dict[str, Any]],
+        cluster: FakeCluster) -> None:
+    rows = events("GaCo10_01", 2) + events("GaPt10_01", 1)
+    rt = build(pipeline(spark(["fail_rec:GaPt10_01"] * 2 + ["ok"], trigger_on_final=False),
+                        rows))
+    report = await rt.run()
+    assert report.ok and report.unacked == 0
+    dead = [r for b in rt.handlers["dlq"].batches for r in b.to_pylist()]
+    assert [json.loads(r["payload"])["recording"] for r in dead] == ["GaPt10_01"]
+    assert "recording=GaPt10_01/part-7.parquet is not a Parquet file" in dead[0]["reason"]
+    [batch] = rt.handlers["sink"].batches  # the healthy recording, rerun alone
+    assert batch.meta["recording"] == "GaCo10_01" and batch.num_rows == 2
+    calls = cluster.calls()
+    assert [c["spec"]["recordings"] for c in calls] == [
+        ["GaCo10_01", "GaPt10_01"], ["GaCo10_01", "GaPt10_01"], ["GaCo10_01"]]
+    top, child = rt.handlers["spark"].status()["recent"]  # type: ignore[attr-defined]
+    assert top["state"] == "isolating" and child["parent"] == top["job_id"]
+    assert child["state"] == "succeeded"
+
+
+async def test_unattributed_failure_splits_the_job_per_recording(
+        build: Callable[..., Runtime], spark: Callable[..., dict[str, Any]],
+        cluster: FakeCluster) -> None:
+    rows = events("GaCo11_01", 1) + events("GaPt11_01", 1)
+    rt = build(pipeline(spark(["fail", "fail", "fail", "ok"], trigger_on_final=False), rows))
+    assert (await rt.run()).ok
+    calls = cluster.calls()
+    assert [c["spec"]["recordings"] for c in calls] == [
+        ["GaCo11_01", "GaPt11_01"], ["GaCo11_01", "GaPt11_01"], ["GaCo11_01"], ["GaPt11_01"]]
+    dead = [r for b in rt.handlers["dlq"].batches for r in b.to_pylist()]
+    assert [json.loads(r["payload"])["recording"] for r in dead] == ["GaCo11_01"]
+    assert "failed after 1 attempt(s)" in dead[0]["reason"]
+    assert [b.meta["recording"] for b in rt.handlers["sink"].batches] == ["GaPt11_01"]
 
 
 async def test_crash_without_report_is_retried_and_succeeds(

@@ -75,14 +75,18 @@
       const y0 = m + (height - 2 * m - (col.length * h + (col.length - 1) * gy)) / 2;
       col.forEach((n, i) => { pos[n] = { x: m + l * (w + gx), y: y0 + i * (h + gy), layer: l }; });
     });
+    // parallel edges (two outputs into one target) side by side, not on top of each other
+    const pairs = {};
+    edges.forEach((e) => { (pairs[e.from + "\u0000" + e.to] ||= []).push(e); });
+    Object.values(pairs).forEach((list) => list.forEach((e, k) => { e.offset = (k - (list.length - 1) / 2) * 10; }));
     const order = columns.flat();  // sources first, as data flows
     return { names: order, edges, pos, width, height };
   }
 
-  function edgePath(a, b) {
+  function edgePath(a, b, offset = 0) {
     const { w, h } = NODE;
     if (b.layer > a.layer) {
-      const x1 = a.x + w, y1 = a.y + h / 2, x2 = b.x, y2 = b.y + h / 2;
+      const x1 = a.x + w, y1 = a.y + h / 2 + offset, x2 = b.x, y2 = b.y + h / 2 + offset;
       const dx = Math.max(30, (x2 - x1) / 2);
       return [`M${x1},${y1} C${x1 + dx},${y1} ${x2 - dx},${y2} ${x2 - 2},${y2}`,
         (x1 + x2) / 2, (y1 + y2) / 2];
@@ -117,8 +121,8 @@
       svg("marker", { id: "arrow-dl", viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 7,
         markerHeight: 7, orient: "auto-start-reverse" }, svg("path", { d: "M0,0 L10,5 L0,10 z", class: "arrowhead dl" }))));
     for (const e of layout.edges) {
-      const [d, lx, ly] = edgePath(layout.pos[e.from], layout.pos[e.to]);
-      const flowing = !e.dl && (rates[e.from] || {}).out > 0;
+      const [d, lx, ly] = edgePath(layout.pos[e.from], layout.pos[e.to], e.offset);
+      const flowing = !e.dl && (rates[e.from] || {}).out > 0 && (rates[e.to] || {}).in > 0;
       root.append(svg("path", { d, class: "edge" + (e.dl ? " dl" : "") + (flowing ? " flowing" : ""),
         "marker-end": e.dl ? "url(#arrow-dl)" : "url(#arrow)", dataset: { from: e.from, to: e.to } }));
       if (e.output !== "default" && !e.dl) {
@@ -134,17 +138,18 @@
       g.append(svg("rect", { width: w, height: h, rx: 8, class: "node-box" }));
       g.append(svg("rect", { width: 4, height: h - 16, x: 0, y: 8, rx: 2, class: "node-kind" }));
       g.append(svg("circle", { cx: w - 14, cy: 15, r: 5, class: "dot " + stateOf(hd) }));
-      g.append(svg("text", { x: 14, y: 21, class: "node-name" }, clip(name, 22)));
+      const bad = hd.errors + hd.dead_letters;
+      g.append(svg("text", { x: 14, y: 21, class: "node-name" }, clip(name, bad ? 12 : 22)));
+      if (bad) {  // failures at a glance, left of the state dot
+        const parts = [hd.errors ? `${si(hd.errors)} err` : "", hd.dead_letters ? `${si(hd.dead_letters)} DL` : ""];
+        g.append(svg("text", { x: w - 26, y: 20, class: "node-bad", "text-anchor": "end" },
+          parts.filter(Boolean).join(" · ")));
+      }
       g.append(svg("text", { x: 14, y: 37, class: "node-type" }, clip(`${hd.kind} · ${hd.type}`, 30)));
       const parts = [];
       if (hd.kind !== "source") parts.push("in " + rate(r.in));
       if (hd.kind !== "sink" || hd.rows_out) parts.push("out " + rate(r.out));
       g.append(svg("text", { x: 14, y: 54, class: "node-rate" }, parts.join("  ·  ")));
-      const bad = hd.errors + hd.dead_letters;
-      if (bad) {
-        g.append(svg("text", { x: w - 12, y: 54, class: "node-bad", "text-anchor": "end" },
-          `${si(hd.errors)} err · ${si(hd.dead_letters)} DL`));
-      }
       if (hd.input) {
         const frac = Math.min(1, hd.input.depth / hd.input.capacity);
         const bw = w - 84;
@@ -207,7 +212,7 @@
     const notReady = Object.keys(state.not_ready || {});
     clear(document.getElementById("cards")).append(
       card("state", state.ready ? "ready" : state.state,
-        notReady.length ? "waiting: " + notReady.join(", ") : "all handlers connected",
+        notReady.length ? "waiting: " + notReady.join(", ") : "all connected",
         state.ready ? "ok" : "warn"),
       card("uptime", duration(state.uptime_seconds), state.settings_file),
       card("ingest", known ? rate(ingest) : "–", "rows/s from sources"),
@@ -220,7 +225,7 @@
   }
 
   function sparkline(values) {
-    const w = 84, h = 22;
+    const w = 64, h = 22;
     const s = svg("svg", { width: w, height: h, class: "spark", viewBox: `0 0 ${w} ${h}` });
     if (values.length < 2) return s;
     const max = Math.max(...values, 1e-9);
@@ -244,19 +249,25 @@
     const body = clear(document.querySelector("#handlers tbody"));
     for (const name of layout.names) {
       const h = state.handlers[name], r = rates[name];
-      const num = (v, cls) => el("td", { class: "num" + (cls ? " " + cls : "") }, v);
+      // data-col names each cell for tests and user styles
+      const num = (col, v, cls) => el("td", { class: "num" + (cls ? " " + cls : ""), dataset: { col } }, v);
+      const channel = channelCell(h);
+      channel.dataset.col = "channel";
       body.append(el("tr", { dataset: { handler: name }, class: name === selected ? "selected" : "",
         onclick: () => select(name) },
-        el("td", {}, el("div", { class: "hname" }, name), el("div", { class: "htype" }, `${h.kind} · ${h.type}`)),
-        el("td", {}, el("span", { class: "dot-inline " + stateOf(h) }), stateText(h)),
-        num(h.kind === "source" ? "–" : rate(r.in)), num(h.kind === "sink" && !h.rows_out ? "–" : rate(r.out)),
-        el("td", {}, sparkline(trend[name] || [])),
-        num(int(h.rows_in)), num(int(h.rows_out)), channelCell(h),
-        num(r.latency === null ? "–" : (1000 * r.latency).toFixed(r.latency < 0.01 ? 2 : 1) + " ms"),
-        num(int(h.errors), h.errors ? "warn" : ""), num(int(h.retries)),
-        num(int(h.dead_letters) + (h.dead_letter_rows ? ` (${int(h.dead_letter_rows)} rows)` : ""),
-          h.dead_letters ? "bad" : ""),
-        num(h.ack ? `${int(h.ack.pending)} · ${h.ack.lag_seconds.toFixed(1)} s` : "–")));
+        el("td", { dataset: { col: "handler" } }, el("div", { class: "hname" }, name),
+          el("div", { class: "htype" }, `${h.kind} · ${h.type}`)),
+        el("td", { title: stateText(h), dataset: { col: "state" } },
+          el("span", { class: "dot-inline " + stateOf(h) }), clip(stateText(h), 22)),
+        num("rate-in", h.kind === "source" ? "–" : rate(r.in)),
+        num("rate-out", h.kind === "sink" && !h.rows_out ? "–" : rate(r.out)),
+        el("td", { dataset: { col: "trend" } }, sparkline(trend[name] || [])),
+        num("rows-in", int(h.rows_in)), num("rows-out", int(h.rows_out)), channel,
+        num("latency", r.latency === null ? "–" : (1000 * r.latency).toFixed(r.latency < 0.01 ? 2 : 1) + " ms"),
+        num("errors", `${int(h.errors)} · ${int(h.retries)}`, h.errors ? "warn" : ""),
+        num("dead-letters", int(h.dead_letters) + (h.dead_letter_rows !== h.dead_letters
+          ? ` (${int(h.dead_letter_rows)} rows)` : ""), h.dead_letters ? "bad" : ""),
+        num("unacked", h.ack ? `${int(h.ack.pending)} · ${h.ack.lag_seconds.toFixed(1)} s` : "–")));
     }
   }
 
@@ -267,7 +278,8 @@
     for (const name of layout.names) {
       const h = state.handlers[name];
       const info = Object.entries(h.info || {}).filter(([k]) => k !== "progress");
-      const metrics = Object.entries(h.metrics || {});
+      const shown = new Set(h.progress.flatMap((p) => p.metrics || []));  // drawn as bars
+      const metrics = Object.entries(h.metrics || {}).filter(([k]) => !shown.has(k));
       if (!h.progress.length && !info.length && !metrics.length) continue;
       const c = el("div", { class: "extra", dataset: { handler: name } }, el("h3", {}, name));
       for (const p of h.progress) {

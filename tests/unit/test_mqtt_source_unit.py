@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, Self
 
 import aiomqtt
 import pytest
@@ -64,7 +64,7 @@ class FakeClient:
     def deliver(self, mid: int, payload: bytes) -> None:
         self.queue.put_nowait(aiomqtt.Message("gait/x", payload, 1, False, mid, None))
 
-    async def __aenter__(self) -> FakeClient:
+    async def __aenter__(self) -> Self:
         if self.broker.refuse:
             self.broker.refuse -= 1
             raise aiomqtt.MqttError("[code:135] Not authorized")
@@ -177,7 +177,7 @@ class WindowProbe(MqttSource):
 async def test_inflight_window_bounds_unacknowledged_messages(broker: FakeBroker) -> None:
     for i in range(40):
         broker.publish(sample("A", i))
-    mqtt = {"type": "tests.unit.test_mqtt_source:WindowProbe", "max_inflight": 4,
+    mqtt = {"type": "test_mqtt_source_unit:WindowProbe", "max_inflight": 4,
             "batch_rows": 2, "linger_ms": 0}
     async with runtime(mqtt, sink={"delay": 0.01}) as rt:
         await until(lambda: len(broker.acks) == 40)

@@ -1,0 +1,220 @@
+"""The diagnosis model: window features in, a recording's probability of Parkinson's out.
+
+A recording is cut into windows (:mod:`ml.features`). Two kinds of *members*
+turn windows into a probability:
+
+* feature members summarise a recording by the 10th, 50th and 90th percentile
+  of each window feature over its windows, and classify that vector
+  (logistic regression, RBF SVM, extra trees, gradient boosting);
+* the rocket member turns each window's 16 sensor series into MiniRocket
+  features (:mod:`ml.rocket`), averages them over the windows and classifies
+  with a logistic regression.
+
+Each member is calibrated (Platt scaling, cross-validated by subject inside
+the training data). A model is one member or an ensemble (mean of the members'
+calibrated probabilities). A single window is scored as a one-window recording,
+which gives the per-window probabilities the server returns.
+
+The decision threshold is the training prevalence of Parkinson's: for a
+calibrated probability, ``p >= prevalence`` means the likelihood ratio favours
+Parkinson's, which is the rule that maximises balanced accuracy.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.base import clone
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.ensemble import ExtraTreesClassifier, HistGradientBoostingClassifier
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
+
+from . import features as F
+from .rocket import MiniRocket
+
+__all__ = [
+    "CANDIDATES",
+    "MEMBERS",
+    "QUANTILES",
+    "GaitModel",
+    "Member",
+    "Prediction",
+    "aggregate",
+    "aggregate_each",
+    "make_estimator",
+]
+
+#: Percentiles of each window feature that summarise a recording.
+QUANTILES = (10.0, 50.0, 90.0)
+#: Base members: name -> kind ("features" or "rocket").
+MEMBERS = {
+    "logreg": "features",
+    "svm": "features",
+    "extra_trees": "features",
+    "hist_gb": "features",
+    "rocket_logreg": "rocket",
+}
+#: Candidate models compared by (nested) cross-validation: name -> members.
+CANDIDATES: dict[str, tuple[str, ...]] = {
+    "logreg": ("logreg",),
+    "svm": ("svm",),
+    "extra_trees": ("extra_trees",),
+    "hist_gb": ("hist_gb",),
+    "rocket_logreg": ("rocket_logreg",),
+    "ensemble_features": ("logreg", "svm", "extra_trees"),
+    "ensemble_all": ("logreg", "svm", "extra_trees", "rocket_logreg"),
+}
+ROCKET_FEATURES = 1998
+
+
+def make_estimator(name: str, seed: int = 0) -> Pipeline | HistGradientBoostingClassifier:
+    """An unfitted scikit-learn estimator for base member ``name``."""
+    imp = SimpleImputer(strategy="median")
+    if name == "logreg":
+        lr = LogisticRegression(C=0.01, class_weight="balanced", max_iter=5000)
+        return make_pipeline(imp, StandardScaler(), lr)
+    if name == "svm":
+        return make_pipeline(imp, StandardScaler(), SVC(C=1.0, class_weight="balanced"))
+    if name == "extra_trees":
+        et = ExtraTreesClassifier(
+            n_estimators=400, min_samples_leaf=2, class_weight="balanced", n_jobs=2,
+            random_state=seed,
+        )  # fmt: skip
+        return make_pipeline(imp, et)
+    if name == "hist_gb":
+        return HistGradientBoostingClassifier(
+            max_iter=200, learning_rate=0.05, max_depth=3, min_samples_leaf=10,
+            l2_regularization=1.0, class_weight="balanced", random_state=seed,
+        )  # fmt: skip
+    if name == "rocket_logreg":
+        lr = LogisticRegression(C=0.01, class_weight="balanced", max_iter=5000)
+        return make_pipeline(StandardScaler(), lr)
+    raise KeyError(f"unknown model member {name!r}; known: {sorted(MEMBERS)}")
+
+
+def make_rocket(seed: int = 0) -> MiniRocket:
+    return MiniRocket(num_features=ROCKET_FEATURES, random_state=seed)
+
+
+def aggregate(window_feats: np.ndarray) -> np.ndarray:
+    """A recording's summary: :data:`QUANTILES` of each feature over its windows.
+
+    ``(k, n_features) -> (len(QUANTILES) * n_features,)``, quantile-major. NaN
+    features are ignored; a feature NaN in every window stays NaN (imputed later).
+    """
+    x = np.asarray(window_feats, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"expected (k >= 1, n_features) window features, got {x.shape}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
+        q = np.nanpercentile(x, QUANTILES, axis=0)
+    return q.reshape(-1)
+
+
+def aggregate_each(window_feats: np.ndarray) -> np.ndarray:
+    """Every window as a one-window recording: ``(k, nf) -> (k, len(QUANTILES) * nf)``."""
+    x = np.asarray(window_feats, dtype=np.float64)
+    return np.tile(x, (1, len(QUANTILES)))
+
+
+def calibrated(estimator: object, folds: Sequence[tuple[np.ndarray, np.ndarray]]) -> CalibratedClassifierCV:
+    """Platt-calibrated ``estimator`` whose calibration folds are subject-wise ``folds``."""
+    return CalibratedClassifierCV(clone(estimator), method="sigmoid", cv=list(folds))
+
+
+@dataclass
+class Member:
+    """A fitted, calibrated member: ``kind`` says what it reads."""
+
+    name: str
+    kind: str  # "features" | "rocket"
+    estimator: CalibratedClassifierCV
+    rocket: MiniRocket | None = None
+
+    def proba(self, x: np.ndarray) -> np.ndarray:
+        """P(parkinson) for rows of this member's recording-level input."""
+        return self.estimator.predict_proba(x)[:, 1]
+
+
+@dataclass
+class Prediction:
+    probability: float
+    label: str
+    window_probabilities: np.ndarray
+    window_starts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+@dataclass
+class GaitModel:
+    """A trained diagnosis model (what ``model.joblib`` holds)."""
+
+    version: str
+    candidate: str
+    members: list[Member]
+    threshold: float
+    feature_names: tuple[str, ...] = F.FEATURE_NAMES
+    window_s: float = F.DEFAULT_WINDOW_S
+    step_s: float = F.DEFAULT_STEP_S
+    fs: float = F.FS
+
+    @property
+    def window_rows(self) -> int:
+        return int(round(self.window_s * self.fs))
+
+    @property
+    def feature_members(self) -> list[Member]:
+        return [m for m in self.members if m.kind == "features"]
+
+    def label(self, p: float) -> str:
+        return "parkinson" if p >= self.threshold else "control"
+
+    def predict_rows(self, rows: np.ndarray) -> Prediction:
+        """Score a raw recording ``(n, 19)`` at :attr:`fs` Hz; uses every member."""
+        starts, feats = F.recording_features(rows, self.fs, self.window_s, self.step_s)
+        if starts.size == 0:
+            raise ValueError(
+                f"recording has {len(rows)} rows, shorter than one window ({self.window_rows})"
+            )
+        series = None
+        if any(m.kind == "rocket" for m in self.members):
+            series = F.sensor_series(rows, self.fs, self.window_s, self.step_s)
+        p, pw = self._score(feats, series, self.members)
+        return Prediction(p, self.label(p), pw, starts)
+
+    def predict_windows(self, window_feats: np.ndarray) -> Prediction:
+        """Score precomputed window features ``(k, len(feature_names))``.
+
+        Uses the feature members only (the rocket member needs raw samples); a
+        model with no feature member cannot score feature windows.
+        """
+        x = np.asarray(window_feats, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != len(self.feature_names) or x.shape[0] == 0:
+            raise ValueError(
+                f"expected (k >= 1, {len(self.feature_names)}) window features, got {x.shape}"
+            )
+        members = self.feature_members
+        if not members:
+            raise ValueError(f"model {self.candidate!r} needs raw rows, not feature windows")
+        p, pw = self._score(x, None, members)
+        return Prediction(p, self.label(p), pw)
+
+    def _score(self, feats: np.ndarray, series: np.ndarray | None,
+               members: list[Member]) -> tuple[float, np.ndarray]:  # fmt: skip
+        rec, win = [], []
+        for m in members:
+            if m.kind == "features":
+                rec.append(m.proba(aggregate(feats)[None, :])[0])
+                win.append(m.proba(aggregate_each(feats)))
+            else:
+                assert m.rocket is not None and series is not None
+                ppv = m.rocket.transform(series)
+                rec.append(m.proba(ppv.mean(axis=0, keepdims=True))[0])
+                win.append(m.proba(ppv))
+        return float(np.mean(rec)), np.mean(win, axis=0)

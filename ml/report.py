@@ -1,0 +1,202 @@
+"""The model card (``MODEL_CARD.md``) and its plots (ROC, calibration)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import features as F
+from .artifact import library_versions
+from .evaluate import METRICS
+
+__all__ = ["plot_calibration", "plot_roc", "write_report"]
+
+
+def _roc_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(y, p)
+    return fpr, tpr
+
+
+def plot_roc(preds: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .evaluate import binary_metrics
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    y, p = preds["label"].to_numpy(), preds["probability"].to_numpy()
+    fpr, tpr = _roc_curve(y, p)
+    ax.plot(fpr, tpr, lw=2.2, color="black",
+            label=f"all (AUC {binary_metrics(y, p, 0.5)['auc']:.3f})")  # fmt: skip
+    for study, g in preds.groupby("study"):
+        yy, pp = g["label"].to_numpy(), g["probability"].to_numpy()
+        fpr, tpr = _roc_curve(yy, pp)
+        ax.plot(fpr, tpr, lw=1.2, label=f"{study} (AUC {binary_metrics(yy, pp, 0.5)['auc']:.3f})")
+    ax.plot([0, 1], [0, 1], ls=":", color="grey")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_calibration(preds: pd.DataFrame, path: Path, bins: int = 8) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y, p = preds["label"].to_numpy(), preds["probability"].to_numpy()
+    edges = np.quantile(p, np.linspace(0, 1, bins + 1))
+    which = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, bins - 1)
+    mp = np.array([p[which == b].mean() for b in range(bins) if (which == b).any()])
+    fy = np.array([y[which == b].mean() for b in range(bins) if (which == b).any()])
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(5.5, 6.5), height_ratios=[3, 1], sharex=True)
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", label="perfect")
+    ax.plot(mp, fy, "o-", color="black", label="nested CV (quantile bins)")
+    ax.set_ylabel("fraction with Parkinson's")
+    brier = float(np.mean((p - y) ** 2))
+    ax.set_title(f"Calibration of recording probabilities (Brier {brier:.3f})", fontsize=10)
+    ax.legend(loc="upper left", fontsize=9)
+    ax2.hist([p[y == 0], p[y == 1]], bins=20, range=(0, 1), label=["control", "parkinson"],
+             color=["tab:blue", "tab:red"], alpha=0.8)  # fmt: skip
+    ax2.set_xlabel("predicted probability")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(v: Any, lo: Any = None, hi: Any = None) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "–"
+    s = f"{v:.3f}"
+    if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi):
+        s += f" [{lo:.2f}, {hi:.2f}]"
+    return s
+
+
+def _metrics_md(table: pd.DataFrame) -> str:
+    head = "| slice | n rec. | n subj. | AUC | balanced acc. | sensitivity | specificity |"
+    lines = [head, "|---|---:|---:|---|---|---|---|"]
+    for r in table.itertuples(index=False):
+        cells = [_fmt(getattr(r, k), getattr(r, f"{k}_lo"), getattr(r, f"{k}_hi")) for k in METRICS]
+        lines.append(f"| {r.slice} {r.name} | {r.n} | {r.n_subjects} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(vdir: Path, model: Any, meta: dict[str, Any], preds: pd.DataFrame,
+                 table: pd.DataFrame, cand_table: pd.DataFrame) -> Path:  # fmt: skip
+    """Write ``MODEL_CARD.md``, ``roc.png`` and ``calibration.png`` into ``vdir``."""
+    overall = table[table.slice == "overall"].iloc[0]
+    plot_roc(preds, vdir / "roc.png",
+             f"Nested subject-wise CV, recording level (n={len(preds)})")  # fmt: skip
+    plot_calibration(preds, vdir / "calibration.png")
+    ev = meta["evaluation"]
+    td = meta["training_data"]
+    cand_lines = ["| candidate | members | AUC | balanced acc. | sens. | spec. | chosen in folds |",
+                  "|---|---|---|---|---|---|---:|"]  # fmt: skip
+    for r in cand_table.itertuples(index=False):
+        cand_lines.append(
+            f"| {r.candidate} | {r.members} | {_fmt(r.auc)} | {_fmt(r.balanced_accuracy)} | "
+            f"{_fmt(r.sensitivity)} | {_fmt(r.specificity)} | {r.times_chosen} |"
+        )
+    leak_md = "Not computed (train with `--leaky`)."
+    if ev.get("leaky"):
+        lk = ev["leaky"]
+        w, r, t = lk["random_window_split"], lk["random_recording_split"], lk["tutorial_knn"]
+        leak_md = "\n".join([
+            "| split | unit | AUC | balanced acc. | accuracy |",
+            "|---|---|---|---|---|",
+            f"| **subject-wise, nested (this card)** | recording | {_fmt(overall.auc)} | "
+            f"{_fmt(overall.balanced_accuracy)} | – |",
+            f"| random recording split (walks of a subject on both sides) | recording | "
+            f"{_fmt(r['auc'])} | {_fmt(r['balanced_accuracy'])} | – |",
+            f"| random window split | 10 s window | {_fmt(w['auc'])} | "
+            f"{_fmt(w['balanced_accuracy'])} | – |",
+            f"| tutorial: k-NN on 100-row means, random split | 1 s block | "
+            f"{_fmt(t['random_block_split']['auc'])} | "
+            f"{_fmt(t['random_block_split']['balanced_accuracy'])} | "
+            f"{_fmt(t['random_block_split']['accuracy'])} |",
+            f"| tutorial k-NN, split by subject | 1 s block | {_fmt(t['subject_split']['auc'])} | "
+            f"{_fmt(t['subject_split']['balanced_accuracy'])} | "
+            f"{_fmt(t['subject_split']['accuracy'])} |",
+        ])  # fmt: skip
+    sl = ev["subject_level"]
+    text = f"""# Model card: gaitflow Parkinson's gait classifier `{model.version}`
+
+## What it does
+Estimates the probability that a walk recorded with force-sensing insoles (gaitpdb
+format: 19 columns at 100 Hz) comes from a person with Parkinson's disease, and
+labels it `parkinson` when the probability reaches {model.threshold:.3f} (the
+training prevalence: for calibrated probabilities this is the balanced-accuracy
+rule). A research prototype trained on {td['n_subjects']} people; **not a medical
+device** and not validated for clinical use.
+
+## Model
+- Candidate selected: **{model.candidate}** (members: {", ".join(m.name for m in model.members)}),
+  the best outer-CV AUC among the candidates below; each member is Platt-calibrated
+  with subject-wise folds.
+- Windows of {model.window_s:g} s every {model.step_s:g} s; {len(F.FEATURE_NAMES)} features per
+  window (`ml/features.py`: force statistics, gait events with stride/stance/swing/
+  double-support times and their CV, asymmetry, cadence, force peaks and loading
+  rates, centre-of-pressure path and profiles, per-sensor stance profiles, spectral
+  features); a recording is summarised by the 10th/50th/90th percentile of each feature
+  over its windows. The `rocket_logreg` member uses MiniRocket-style random
+  convolutions of the 16 sensor series (50 Hz) averaged over windows.
+- Inputs are the force signals only. UPDRS, Hoehn & Yahr, the study and the other
+  demographics are never inputs.
+
+## Training data
+{td['n_recordings']} recordings ({td['n_parkinson_recordings']} Parkinson's) of {td['n_subjects']}
+subjects from PhysioNet gaitpdb 1.0.0 (studies Ga, Ju, Si), {td['n_windows']} windows.
+Data SHA-256 `{td['sha256'][:16]}…`.
+
+## Evaluation (honest: by subject)
+{ev['scheme']}.
+
+**Overall: AUC {_fmt(overall.auc, overall.auc_lo, overall.auc_hi)}, balanced accuracy
+{_fmt(overall.balanced_accuracy, overall.balanced_accuracy_lo, overall.balanced_accuracy_hi)}**
+(recording level, 95 % CI). Subject level (mean probability of a subject's walks):
+AUC {_fmt(sl['auc'])}, balanced accuracy {_fmt(sl['balanced_accuracy'])}.
+
+{_metrics_md(table)}
+
+![ROC](roc.png) ![calibration](calibration.png)
+
+### Candidates (outer-CV out-of-fold predictions, recording level)
+{chr(10).join(cand_lines)}
+
+Per fold, the inner CV picked: {", ".join(ev['chosen_per_fold'])}.
+
+### What a leaky split would claim
+{leak_md}
+
+Splits that let a subject's walks (or windows) sit on both sides learn the person,
+not the disease; their figures are not estimates of performance on new people.
+
+## Caveats
+- Small data: {td['n_subjects']} subjects; the confidence intervals are wide, and the
+  features and candidate set were designed while looking at subject-wise CV on this
+  same data, so the figures above may be slightly optimistic.
+- Studies differ (overground vs treadmill, dual-task walks, cueing in Ju walks 2-7;
+  Ju patients contribute up to 7 walks each and weigh more in recording-level
+  figures). Per-study figures are above.
+- Mild Parkinson's with near-normal gait is the main source of errors.
+
+## Reproduce
+`python -m ml.train --data $GAITPDB_DIR --out artifacts/model --seed {ev['seed']} --leaky`
+(libraries: {", ".join(f"{k} {v}" for k, v in library_versions().items())}).
+"""
+    path = vdir / "MODEL_CARD.md"
+    path.write_text(text)
+    return path

@@ -1,0 +1,539 @@
+"""Train and honestly evaluate the diagnosis model.
+
+    python -m ml.train --data DIR --out DIR [--folds 5] [--seed 0] [--leaky]
+
+1. Every recording in ``--data`` (default ``$GAITPDB_DIR``) is cut into windows
+   and featurised (:mod:`ml.features`); the 16 sensor series are kept for the
+   MiniRocket member.
+2. Nested cross-validation by subject: ``--folds`` outer folds
+   (``StratifiedGroupKFold``, groups = subject, strata = study x group). Inside
+   each outer training set, ``--inner-folds`` subject-wise folds pick the
+   candidate (:data:`ml.model.CANDIDATES`) with the best AUC; that candidate,
+   calibrated on the outer training set only, scores the outer test subjects.
+   The MiniRocket transform is fitted on outer-training windows only. Nothing is
+   ever tuned on a split that puts a subject on both sides.
+3. The reported figures are those nested out-of-fold predictions: recording-level
+   AUC, balanced accuracy, sensitivity and specificity per fold, per study, per
+   walk type and overall, with 95 % subject-bootstrap intervals.
+4. The final model is the candidate with the best outer-CV AUC, refitted on all
+   data, written with ``model.json``, ``MODEL_CARD.md`` and plots.
+
+Inputs are the force recordings only: UPDRS, Hoehn & Yahr, the study and the
+other demographics are never read here (``tests/unit/test_ml_train.py`` checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.stats import rankdata
+from threadpoolctl import threadpool_limits
+
+from . import data as D
+from . import features as F
+from .evaluate import binary_metrics, evaluation_table, subject_folds
+from .model import (
+    CANDIDATES,
+    MEMBERS,
+    GaitModel,
+    Member,
+    aggregate,
+    calibrated,
+    make_estimator,
+    make_rocket,
+)
+from .rocket import MiniRocket
+
+__all__ = ["Dataset", "load_dataset", "main", "nested_cv", "train"]
+
+#: Metadata columns the model may see (labels and grouping only, never inputs).
+META_COLUMNS = ("id", "subject", "study", "group", "label", "walk", "dual_task")
+
+
+def log(msg: str) -> None:
+    print(f"[train {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class Dataset:
+    """Featurised recordings: ``meta`` rows align with ``feats`` and ``series``."""
+
+    meta: pd.DataFrame  # META_COLUMNS
+    feats: list[np.ndarray]  # per recording (k, n_features)
+    series: list[np.ndarray] | None  # per recording (k, 16, L) float32
+    baseline: list[np.ndarray]  # per recording: the tutorial's 100-row means (b, 18)
+    data_hash: str
+    window_s: float
+    step_s: float
+
+    def __post_init__(self) -> None:
+        extra = set(self.meta.columns) - set(META_COLUMNS)
+        if extra:
+            raise ValueError(f"unexpected metadata columns {sorted(extra)}")
+
+    @property
+    def y(self) -> np.ndarray:
+        return self.meta["label"].to_numpy(dtype=int)
+
+    def aggregated(self) -> np.ndarray:
+        return np.stack([aggregate(f) for f in self.feats])
+
+
+def _prepare(path: str, window_s: float, step_s: float, series: bool) -> tuple:
+    raw = Path(path).read_bytes()
+    x = D.load_recording(path)
+    _, feats = F.recording_features(x, F.FS, window_s, step_s)
+    s = F.sensor_series(x, F.FS, window_s, step_s) if series else None
+    frame = pd.DataFrame(x, columns=list(F.COLUMNS))
+    frame["recording_id"] = Path(path).name
+    frame["seq"] = np.arange(len(frame))
+    base = F.baseline_frame(frame).loc[:, list(F.BASELINE_NAMES)].to_numpy()
+    return hashlib.sha256(raw).hexdigest(), feats, s, base
+
+
+def load_dataset(directory: str | Path | None = None, *, window_s: float = F.DEFAULT_WINDOW_S,
+                 step_s: float = F.DEFAULT_STEP_S, series: bool = True, jobs: int = 2,
+                 ids: Sequence[str] | None = None) -> Dataset:  # fmt: skip
+    """Load and featurise every recording (in ``jobs`` processes)."""
+    listing = D.list_recordings(directory)
+    if ids is not None:
+        listing = listing[listing["id"].isin(set(ids))].reset_index(drop=True)
+    paths = listing["path"].tolist()
+    args = ([window_s] * len(paths), [step_s] * len(paths), [series] * len(paths))
+    results = []
+    t0 = time.perf_counter()
+    if jobs > 1 and len(paths) > 1:
+        with ProcessPoolExecutor(max_workers=jobs) as ex:
+            for i, r in enumerate(ex.map(_prepare, paths, *args, chunksize=4), 1):
+                results.append(r)
+                if i % 40 == 0 or i == len(paths):
+                    log(f"  featurised {i}/{len(paths)} recordings ({time.perf_counter() - t0:.0f} s)")
+    else:
+        for p, *a in zip(paths, *args, strict=True):
+            results.append(_prepare(p, *a))
+    keep = [i for i, r in enumerate(results) if r[1].shape[0] > 0]
+    if len(keep) < len(results):
+        short = listing["id"].iloc[[i for i in range(len(results)) if i not in keep]].tolist()
+        log(f"  skipping {len(short)} recordings shorter than one window: {short}")
+    h = hashlib.sha256()
+    for rid, r in sorted(zip(listing["id"], results, strict=True)):
+        h.update(f"{rid}\t{r[0]}\n".encode())
+    meta = listing.loc[keep, list(META_COLUMNS)].reset_index(drop=True)
+    return Dataset(
+        meta=meta,
+        feats=[results[i][1] for i in keep],
+        series=[results[i][2] for i in keep] if series else None,
+        baseline=[results[i][3] for i in keep],
+        data_hash=h.hexdigest(),
+        window_s=window_s,
+        step_s=step_s,
+    )
+
+
+# ----------------------------------------------------------------------------- rocket
+
+
+def rocket_fit_transform(series: list[np.ndarray], train: np.ndarray, seed: int,
+                         jobs: int = 2, max_fit_windows: int = 2000,
+                         ) -> tuple[MiniRocket, np.ndarray]:  # fmt: skip
+    """Fit MiniRocket on windows of ``train`` recordings; mean PPV of every recording."""
+    rng = np.random.default_rng(seed)
+    pool = np.concatenate([series[i] for i in train])
+    pick = rng.choice(len(pool), size=min(max_fit_windows, len(pool)), replace=False)
+    rocket = make_rocket(seed).fit(pool[np.sort(pick)])
+    del pool
+    return rocket, rocket_transform(rocket, series, jobs)
+
+
+def rocket_transform(rocket: MiniRocket, series: list[np.ndarray], jobs: int = 2) -> np.ndarray:
+    allw = np.concatenate(series)
+    bounds = np.cumsum([0] + [len(s) for s in series])
+    chunks = [(a, min(a + 512, len(allw))) for a in range(0, len(allw), 512)]
+    out = np.empty((len(allw), rocket.n_features_out_), dtype=np.float32)
+
+    def run(c: tuple[int, int]) -> None:
+        out[c[0] : c[1]] = rocket.transform(allw[c[0] : c[1]])
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
+        list(ex.map(run, chunks))
+    return np.stack([out[bounds[i] : bounds[i + 1]].mean(axis=0) for i in range(len(series))])
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _score(est: Any, x: np.ndarray) -> np.ndarray:
+    if hasattr(est, "predict_proba"):
+        return est.predict_proba(x)[:, 1]
+    return est.decision_function(x)
+
+
+def _inputs(kind: str, agg: np.ndarray, rk: np.ndarray | None) -> np.ndarray:
+    if kind == "rocket":
+        assert rk is not None
+        return rk
+    return agg
+
+
+def select_candidate(meta: pd.DataFrame, agg: np.ndarray, rk: np.ndarray | None,
+                     train: np.ndarray, candidates: Sequence[str], inner_folds: int,
+                     seed: int) -> tuple[str, dict[str, float]]:  # fmt: skip
+    """Pick the candidate with the best inner-CV AUC on the ``train`` rows only."""
+    y = meta["label"].to_numpy(dtype=int)
+    folds = subject_folds(meta, inner_folds, seed, index=train)
+    members = sorted({m for c in candidates for m in CANDIDATES[c]})
+    oof = {m: np.full(len(meta), np.nan) for m in members}
+    for tr, te in folds:
+        for m in members:
+            x = _inputs(MEMBERS[m], agg, rk)
+            est = make_estimator(m, seed).fit(x[tr], y[tr])
+            oof[m][te] = _score(est, x[te])
+    yt = y[train]
+    ranks = {m: rankdata(oof[m][train]) / len(train) for m in members}
+    scores = {}
+    for c in candidates:
+        s = np.mean([ranks[m] for m in CANDIDATES[c]], axis=0)
+        scores[c] = binary_metrics(yt, s, 0.5)["auc"]
+    best = max(candidates, key=lambda c: (scores[c], -len(CANDIDATES[c])))
+    return best, scores
+
+
+def fit_members(meta: pd.DataFrame, agg: np.ndarray, rk: np.ndarray | None,
+                train: np.ndarray, names: Sequence[str], inner_folds: int, seed: int,
+                rocket: MiniRocket | None = None) -> dict[str, Member]:  # fmt: skip
+    """Calibrated members fitted on ``train`` rows (calibration folds by subject)."""
+    y = meta["label"].to_numpy(dtype=int)
+    folds = subject_folds(meta, inner_folds, seed, index=train)
+    pos = {r: i for i, r in enumerate(train)}  # global row -> position within train
+    local = [(np.array([pos[i] for i in a]), np.array([pos[i] for i in b])) for a, b in folds]
+    out = {}
+    for m in names:
+        kind = MEMBERS[m]
+        x = _inputs(kind, agg, rk)[train]
+        est = calibrated(make_estimator(m, seed), local).fit(x, y[train])
+        out[m] = Member(m, kind, est, rocket if kind == "rocket" else None)
+    return out
+
+
+def _ensemble_proba(members: dict[str, Member], cand: str, agg: np.ndarray,
+                    rk: np.ndarray | None, rows: np.ndarray) -> np.ndarray:  # fmt: skip
+    return np.mean(
+        [members[m].proba(_inputs(members[m].kind, agg, rk)[rows]) for m in CANDIDATES[cand]],
+        axis=0,
+    )
+
+
+@dataclass
+class CVResult:
+    nested: np.ndarray  # out-of-fold probability of the selected candidate, per recording
+    threshold: np.ndarray  # per recording: its fold's threshold (training prevalence)
+    fold_of: np.ndarray
+    chosen: list[str]  # candidate selected in each outer fold
+    inner_scores: list[dict[str, float]]
+    per_candidate: dict[str, np.ndarray]  # outer OOF probability of every candidate
+    fold_seconds: list[float]
+
+
+def nested_cv(ds: Dataset, *, folds: int = 5, inner_folds: int = 4, seed: int = 0,
+              candidates: Sequence[str] = tuple(CANDIDATES), jobs: int = 2) -> CVResult:  # fmt: skip
+    meta, y = ds.meta, ds.y
+    agg = ds.aggregated()
+    use_rocket = ds.series is not None and any(
+        MEMBERS[m] == "rocket" for c in candidates for m in CANDIDATES[c]
+    )
+    if not use_rocket:
+        candidates = [c for c in candidates if all(MEMBERS[m] != "rocket" for m in CANDIDATES[c])]
+    n = len(meta)
+    res = CVResult(np.full(n, np.nan), np.full(n, np.nan), np.full(n, -1), [], [],
+                   {c: np.full(n, np.nan) for c in candidates}, [])  # fmt: skip
+    for k, (tr, te) in enumerate(subject_folds(meta, folds, seed)):
+        t0 = time.perf_counter()
+        rk, rocket = None, None
+        if use_rocket:
+            assert ds.series is not None
+            rocket, rk = rocket_fit_transform(ds.series, tr, seed + k, jobs)
+        best, scores = select_candidate(meta, agg, rk, tr, candidates, inner_folds, seed + 1)
+        needed = sorted({m for c in candidates for m in CANDIDATES[c]})
+        members = fit_members(meta, agg, rk, tr, needed, inner_folds, seed + 2, rocket)
+        for c in candidates:
+            res.per_candidate[c][te] = _ensemble_proba(members, c, agg, rk, te)
+        res.nested[te] = res.per_candidate[best][te]
+        res.threshold[te] = float(y[tr].mean())
+        res.fold_of[te] = k
+        res.chosen.append(best)
+        res.inner_scores.append(scores)
+        dt = time.perf_counter() - t0
+        res.fold_seconds.append(dt)
+        m = binary_metrics(y[te], res.nested[te], float(y[tr].mean()))
+        log(
+            f"fold {k + 1}/{folds}: {len(set(meta.subject.iloc[te]))} test subjects, "
+            f"inner pick {best} (inner AUC {scores[best]:.3f}); outer AUC {m['auc']:.3f} "
+            f"bal.acc {m['balanced_accuracy']:.3f} ({dt:.0f} s)"
+        )
+    return res
+
+
+def fit_final(ds: Dataset, candidate: str, *, inner_folds: int = 4, seed: int = 0,
+              jobs: int = 2, version: str) -> GaitModel:  # fmt: skip
+    meta = ds.meta
+    agg = ds.aggregated()
+    names = CANDIDATES[candidate]
+    rocket, rk = None, None
+    everyone = np.arange(len(meta))
+    if any(MEMBERS[m] == "rocket" for m in names):
+        assert ds.series is not None
+        rocket, rk = rocket_fit_transform(ds.series, everyone, seed, jobs)
+    members = fit_members(meta, agg, rk, everyone, names, inner_folds, seed + 2, rocket)
+    return GaitModel(
+        version=version,
+        candidate=candidate,
+        members=[members[m] for m in names],
+        threshold=float(ds.y.mean()),
+        window_s=ds.window_s,
+        step_s=ds.step_s,
+    )
+
+
+# ----------------------------------------------------------------------------- leaky
+
+
+def leaky_comparison(ds: Dataset, candidate: str, seed: int = 0, folds: int = 5) -> dict[str, Any]:
+    """What splits that ignore subjects would report (for the README's comparison).
+
+    * ``random_window_split``: windows shuffled into folds regardless of recording or
+      subject; a window-level extra-trees classifier; window-level metrics.
+    * ``random_recording_split``: recordings shuffled into folds regardless of subject
+      (walks of one person on both sides); the feature members of the final candidate.
+    * ``tutorial_knn``: the original tutorial, k-NN on 100-row means with a random
+      split of the 100-row blocks, next to the same k-NN split by subject.
+    """
+    from sklearn.ensemble import ExtraTreesClassifier
+    from sklearn.impute import SimpleImputer
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+
+    y = ds.y
+    out: dict[str, Any] = {}
+    # 1. random window split
+    X = np.concatenate(ds.feats)
+    yw = np.concatenate([[y[i]] * len(f) for i, f in enumerate(ds.feats)])
+    p = np.zeros(len(yw))
+    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, yw):
+        est = make_pipeline(
+            SimpleImputer(strategy="median"),
+            ExtraTreesClassifier(300, min_samples_leaf=1, n_jobs=2, random_state=seed),
+        ).fit(X[tr], yw[tr])
+        p[te] = est.predict_proba(X[te])[:, 1]
+    out["random_window_split"] = binary_metrics(yw, p, 0.5) | {"unit": "window"}
+    log(f"leaky: random window split AUC {out['random_window_split']['auc']:.3f}")
+    # 2. random recording split (same candidate's feature members)
+    names = [m for m in CANDIDATES[candidate] if MEMBERS[m] == "features"] or ["logreg"]
+    agg = ds.aggregated()
+    p = np.zeros(len(y))
+    thr = np.zeros(len(y))
+    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(agg, y):
+        probs = []
+        for m in names:
+            est = calibrated(make_estimator(m, seed), list(
+                StratifiedKFold(4, shuffle=True, random_state=seed).split(agg[tr], y[tr])
+            )).fit(agg[tr], y[tr])  # fmt: skip
+            probs.append(est.predict_proba(agg[te])[:, 1])
+        p[te] = np.mean(probs, axis=0)
+        thr[te] = y[tr].mean()
+    out["random_recording_split"] = (
+        binary_metrics(y, p - thr + 0.5, 0.5)
+        | {"auc": binary_metrics(y, p, 0.5)["auc"], "unit": "recording", "members": names}
+    )
+    log(f"leaky: random recording split AUC {out['random_recording_split']['auc']:.3f}")
+    out["tutorial_knn"] = _tutorial_knn(ds, seed, folds)
+    return out
+
+
+def _tutorial_knn(ds: Dataset, seed: int, folds: int) -> dict[str, Any]:
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    blocks = ds.baseline
+    yb = [np.full(len(b), ds.y[i]) for i, b in enumerate(blocks)]
+    rec = [np.full(len(b), i) for i, b in enumerate(blocks)]
+    Xb, yb_, rb = np.concatenate(blocks), np.concatenate(yb), np.concatenate(rec)
+    subj = ds.meta["subject"].to_numpy()[rb]
+
+    def knn() -> Any:
+        return make_pipeline(StandardScaler(), KNeighborsClassifier(5))
+
+    res: dict[str, Any] = {}
+    p = np.zeros(len(yb_))
+    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(Xb, yb_):
+        p[te] = knn().fit(Xb[tr], yb_[tr]).predict_proba(Xb[te])[:, 1]
+    res["random_block_split"] = binary_metrics(yb_, p, 0.5) | {
+        "accuracy": float(((p >= 0.5) == yb_).mean()), "unit": "100-row block"
+    }
+    meta_b = pd.DataFrame({"subject": subj, "study": ds.meta["study"].to_numpy()[rb], "label": yb_})
+    p = np.zeros(len(yb_))
+    for tr, te in subject_folds(meta_b, folds, seed):
+        p[te] = knn().fit(Xb[tr], yb_[tr]).predict_proba(Xb[te])[:, 1]
+    res["subject_split"] = binary_metrics(yb_, p, 0.5) | {
+        "accuracy": float(((p >= 0.5) == yb_).mean()), "unit": "100-row block"
+    }
+    log(
+        f"leaky: tutorial k-NN accuracy {res['random_block_split']['accuracy']:.3f} (random "
+        f"blocks) vs {res['subject_split']['accuracy']:.3f} (by subject)"
+    )
+    return res
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def train(data_dir: str | Path, out_dir: str | Path, *, folds: int = 5, inner_folds: int = 4,
+          seed: int = 0, leaky: bool = False, window_s: float = F.DEFAULT_WINDOW_S,
+          step_s: float = F.DEFAULT_STEP_S, candidates: Sequence[str] | None = None,
+          jobs: int = 2, n_boot: int = 1000, ids: Sequence[str] | None = None,
+          ) -> Path:  # fmt: skip
+    """Run the whole procedure; returns the new model's version directory."""
+    from .artifact import save_model
+    from .report import write_report
+
+    t_start = time.perf_counter()
+    candidates = list(candidates or CANDIDATES)
+    unknown = set(candidates) - set(CANDIDATES)
+    if unknown:
+        raise ValueError(f"unknown candidates {sorted(unknown)}; known: {sorted(CANDIDATES)}")
+    use_series = any(MEMBERS[m] == "rocket" for c in candidates for m in CANDIDATES[c])
+    data_dir = D.data_dir(data_dir)
+    log(f"loading recordings from {data_dir}")
+    with threadpool_limits(1, user_api="blas"):
+        ds = load_dataset(data_dir, window_s=window_s, step_s=step_s, series=use_series,
+                          jobs=jobs, ids=ids)  # fmt: skip
+        meta = ds.meta
+        n_win = sum(len(f) for f in ds.feats)
+        log(
+            f"{len(meta)} recordings, {meta.subject.nunique()} subjects, {n_win} windows of "
+            f"{window_s:g} s (step {step_s:g} s), {len(F.FEATURE_NAMES)} features; "
+            f"data sha256 {ds.data_hash[:12]}"
+        )
+        t_cv = time.perf_counter()
+        cv = nested_cv(ds, folds=folds, inner_folds=inner_folds, seed=seed,
+                       candidates=candidates, jobs=jobs)  # fmt: skip
+        cv_seconds = time.perf_counter() - t_cv
+        table = evaluation_table(meta, cv.nested, cv.threshold, cv.fold_of, n_boot, seed)
+        overall = table[table.slice == "overall"].iloc[0]
+        log(
+            f"nested CV: AUC {overall.auc:.3f} [{overall.auc_lo:.3f}, {overall.auc_hi:.3f}], "
+            f"balanced accuracy {overall.balanced_accuracy:.3f} "
+            f"[{overall.balanced_accuracy_lo:.3f}, {overall.balanced_accuracy_hi:.3f}]"
+        )
+        cand_rows = []
+        for c, p in cv.per_candidate.items():
+            m = binary_metrics(meta.label.to_numpy(), p - cv.threshold + 0.5, 0.5)
+            m["auc"] = binary_metrics(meta.label.to_numpy(), p, 0.5)["auc"]
+            cand_rows.append({"candidate": c, "members": "+".join(CANDIDATES[c]), **m,
+                              "times_chosen": cv.chosen.count(c)})  # fmt: skip
+        cand_table = pd.DataFrame(cand_rows).sort_values("auc", ascending=False)
+        final = str(cand_table.iloc[0]["candidate"])
+        log(f"final candidate (best outer-CV AUC): {final}; fitting on all data")
+        version = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{ds.data_hash[:8]}"
+        t_fit = time.perf_counter()
+        model = fit_final(ds, final, inner_folds=inner_folds, seed=seed, jobs=jobs,
+                          version=version)  # fmt: skip
+        fit_seconds = time.perf_counter() - t_fit
+        leak = leaky_comparison(ds, final, seed, folds) if leaky else None
+    subj_p = pd.Series(cv.nested).groupby(meta.subject.to_numpy()).mean()
+    subj_y = meta.groupby("subject").label.first().loc[subj_p.index]
+    subj_thr = pd.Series(cv.threshold).groupby(meta.subject.to_numpy()).mean()
+    subject_level = binary_metrics(subj_y.to_numpy(), (subj_p - subj_thr + 0.5).to_numpy(), 0.5)
+    subject_level["auc"] = binary_metrics(subj_y.to_numpy(), subj_p.to_numpy(), 0.5)["auc"]
+    meta_json = {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "training_data": {
+            "sha256": ds.data_hash,
+            "n_recordings": int(len(meta)),
+            "n_subjects": int(meta.subject.nunique()),
+            "n_windows": int(n_win),
+            "n_parkinson_recordings": int(meta.label.sum()),
+        },
+        "inputs": {
+            "raw": "rows of 19 numbers at 100 Hz: " + ", ".join(F.COLUMNS),
+            "never_used": ["UPDRS", "UPDRSM", "HoehnYahr", "study", "demographics"],
+            "feature_windows_supported": bool(model.feature_members),
+        },
+        "evaluation": {
+            "scheme": (
+                f"nested subject-wise CV: {folds} outer StratifiedGroupKFold folds (groups = "
+                f"subject, strata = study x group), {inner_folds} inner folds for model "
+                "selection and Platt calibration; recording-level metrics; 95% CIs from "
+                f"{n_boot} subject-bootstrap resamples"
+            ),
+            "seed": seed,
+            "metrics": table.to_dict(orient="records"),
+            "subject_level": subject_level,
+            "candidates": cand_table.to_dict(orient="records"),
+            "chosen_per_fold": cv.chosen,
+            "leaky": leak,
+        },
+        "timing_seconds": {
+            "total": None,
+            "cross_validation": round(cv_seconds, 1),
+            "final_fit": round(fit_seconds, 1),
+        },
+    }
+    out = Path(out_dir)
+    meta_json["timing_seconds"]["total"] = round(time.perf_counter() - t_start, 1)
+    vdir = save_model(model, meta_json, out)
+    preds = meta.assign(probability=cv.nested, threshold=cv.threshold, fold=cv.fold_of)
+    for c, p in cv.per_candidate.items():
+        preds[f"p_{c}"] = p
+    preds.to_csv(vdir / "cv_predictions.csv", index=False)
+    write_report(vdir, model, meta_json, preds, table, cand_table)
+    log(f"wrote {vdir} in {time.perf_counter() - t_start:.0f} s total")
+    return vdir
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ml.train", description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=None, help=f"dataset directory (default ${D.ENV_VAR})")
+    ap.add_argument("--out", default="artifacts/model", help="models directory")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--inner-folds", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--leaky", action="store_true",
+                    help="also report what subject-ignoring splits would claim")  # fmt: skip
+    ap.add_argument("--window", type=float, default=F.DEFAULT_WINDOW_S, help="window length, s")
+    ap.add_argument("--step", type=float, default=F.DEFAULT_STEP_S, help="window step, s")
+    ap.add_argument("--candidates", default=None,
+                    help=f"comma-separated subset of {','.join(CANDIDATES)}")  # fmt: skip
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    args = ap.parse_args(argv)
+    try:
+        train(
+            args.data, args.out, folds=args.folds, inner_folds=args.inner_folds, seed=args.seed,
+            leaky=args.leaky, window_s=args.window, step_s=args.step,
+            candidates=args.candidates.split(",") if args.candidates else None,
+            jobs=args.jobs, n_boot=args.bootstrap,
+        )  # fmt: skip
+    except (D.DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
