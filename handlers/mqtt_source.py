@@ -287,7 +287,7 @@ def _check_values(arr: np.ndarray, single: bool) -> None:
     if negative.any():
         i, j = np.argwhere(negative)[0]
         what = "negative time" if j == 0 else "negative force"
-        raise InvalidPayload(f"{what} in {where(i, j)}: {arr[i, j]!r}")
+        raise InvalidPayload(f"{what} in {where(i, j)}: {float(arr[i, j])!r}")
     t = arr[:, 0]
     if t.max() > MAX_TIME:
         raise InvalidPayload(f"time out of range (> {MAX_TIME:g} s)")
@@ -296,7 +296,7 @@ def _check_values(arr: np.ndarray, single: bool) -> None:
         if (step <= 0).any():
             i = int(np.argmax(step <= 0)) + 1
             raise InvalidPayload(f"time going backwards within the message at row {i}: "
-                                 f"{t[i]!r} s after {t[i - 1]!r} s")
+                                 f"{float(t[i])!r} s after {float(t[i - 1])!r} s")
 
 
 class Timelines:

@@ -34,11 +34,14 @@ Behaviour
 
     Failures: a run that exits non-zero, is killed, exceeds ``job_timeout`` (its
     process group is killed) or whose output cannot be read is retried per
-    ``job_retry`` (backoff with jitter); when the attempts are spent, each segment
-    event of the job goes to dead letter with the driver's error (the job's
-    one-line error; the exception carries the tail of the driver's stderr).
-    Malformed events (missing columns, unsafe ids, a path outside the lake layout)
-    are rejected to dead letter at once.
+    ``job_retry`` (backoff with jitter). When the attempts are spent, the segment
+    events go to dead letter with the driver's error (reason: the job's one-line
+    error; exception: plus the tail of the driver's stderr, Java frames left out),
+    but only those of the recordings at fault: in a job over several recordings,
+    the recordings the error names (a corrupt file's path) are dead-lettered and
+    the others rerun without them; an error naming none reruns each recording
+    alone, once. Malformed events (missing columns, unsafe ids, a path outside the
+    lake layout) are rejected to dead letter at once.
 
     Shutdown: ``on_shutdown = "wait"`` runs a last job over everything pending and
     waits for it (bounded by ``[runtime] drain_timeout``); ``"cancel"`` kills the
@@ -58,7 +61,20 @@ Guarantees
       upstream (channel source, Kafka) and recomputed.
     * Intake stops (backpressure) once ``max_pending`` segments wait.
 
-Settings: see :class:`SparkJobSettings` (``python run.py --describe spark_job``).
+Settings: see :class:`SparkJobSettings` (``python run.py --describe spark_job``)::
+
+    [handlers.features]
+    type = "spark_job"
+    master = "local[*]"                 # or spark://host:7077, yarn: nothing else changes
+    hdfs_url = "hdfs://127.0.0.1:8020"
+    webhdfs_url = "http://127.0.0.1:9870/webhdfs/v1"
+    features_root = "/gaitflow/features"
+    max_segments = 50                   # triggers: N segments, T seconds, recording end
+    max_wait = 60
+    job_timeout = 1800
+    job_retry = { max_attempts = 3, backoff = 10 }
+    on_shutdown = "wait"
+    outputs = ["cassandra", "model"]
 """
 from __future__ import annotations
 

@@ -189,7 +189,7 @@ async def test_every_bad_payload_is_dead_lettered_and_never_reaches_the_lake(
         (batch_msg("a\u0007b", 0, good[:2]), "unsafe recording id"),
         (batch_msg("r" * 65, 0, good[:2]), "unsafe recording id"),
         (json.dumps({"seq": 0, "rows": good[:2].tolist()}).encode(), "missing recording id"),
-        (batch_msg("bad", 0, np.tile(good[:1], (40, 1))), "oversize payload"),
+        (batch_msg("bad", 0, np.tile(good[:1], (250, 1))), "oversize payload"),
     ]
     clock = recording(200)
     clock[:, 0] += 30.0
@@ -202,7 +202,7 @@ async def test_every_bad_payload_is_dead_lettered_and_never_reaches_the_lake(
     expected_reasons = [r for _, r in bad] + ["time going backwards across messages"]
     dlq = tmp_path / "dlq.jsonl"
     rt = mqtt_lake(port, topic, client_id, hdfs_url, lake_root, dlq,
-                   mqtt={"max_payload_bytes": 4096})
+                   mqtt={"max_payload_bytes": 30_000})
     async with rt:
         await publish(port, topic, payloads)
         await until(lambda: len(dead_letters(dlq)) >= len(expected_reasons)

@@ -1,0 +1,228 @@
+"""Read back every store of one pipeline run and count what each holds per recording.
+
+Used by the end-to-end and reliability tests: after a replay (with or without
+crashes), each store must hold each sample and each derived row exactly once.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+@dataclasses.dataclass(frozen=True)
+class RunNames:
+    """The unique names one run uses in every store, so runs never collide."""
+
+    run: str
+
+    @property
+    def topic_prefix(self) -> str:
+        return f"gaitflow-test/{self.run}"
+
+    @property
+    def mqtt_topic(self) -> str:
+        return f"{self.topic_prefix}/{{recording}}"
+
+    @property
+    def lake_root(self) -> str:
+        return f"/gaitflow-test/{self.run}/raw"
+
+    @property
+    def features_root(self) -> str:
+        return f"/gaitflow-test/{self.run}/features"
+
+    @property
+    def kafka_topic(self) -> str:
+        return f"gaitflow.test.{self.run}.samples"
+
+    @property
+    def keyspace(self) -> str:
+        return f"test_{self.run}"
+
+    @property
+    def mongo_db(self) -> str:
+        return f"test_{self.run}"
+
+    @property
+    def es_index(self) -> str:
+        return f"test-{self.run}-diagnoses"
+
+    def overrides(self, *, admin_port: int, model_url: str, dead_letters: str) -> list[str]:
+        """``--set`` arguments pointing settings.toml's pipeline at this run's names."""
+        return [
+            f"runtime.admin_port={admin_port}",
+            'runtime.admin_extensions=[]',
+            f'handlers.mqtt.topics=["{self.topic_prefix}/+"]',
+            f'handlers.mqtt.client_id="gaitflow-{self.run}"',
+            f'handlers.lake.root="{self.lake_root}"',
+            f'handlers.raw_kafka.topic="{self.kafka_topic}"',
+            f'handlers.features.features_root="{self.features_root}"',
+            "handlers.features.max_wait=5.0",
+            f'handlers.feature_store.keyspace="{self.keyspace}"',
+            f'handlers.diagnose.url="{model_url}"',
+            f'handlers.diagnoses_mongo.database="{self.mongo_db}"',
+            f'handlers.diagnoses_es.index="{self.es_index}"',
+            f'handlers.dead_letters.path="{dead_letters}"',
+        ]
+
+
+async def lake_samples(webhdfs_url: str, root: str) -> pa.Table:
+    """Every Parquet file under ``root`` (recursively), concatenated."""
+    from handlers.webhdfs import NotFound, WebHdfs
+
+    tables: list[pa.Table] = []
+    async with WebHdfs(webhdfs_url) as fs:
+        todo = [root]
+        while todo:
+            path = todo.pop()
+            try:
+                entries = await fs.list_status(path)
+            except NotFound:
+                continue
+            for st in entries:
+                if st.is_dir:
+                    todo.append(st.path)
+                elif st.path.endswith(".parquet"):
+                    tables.append(pq.read_table(io.BytesIO(await fs.open(st.path)),
+                                                columns=["recording", "seq"]))
+    if not tables:
+        return pa.table({"recording": pa.array([], pa.string()), "seq": pa.array([], pa.int64())})
+    return pa.concat_tables(tables)
+
+
+async def kafka_samples(bootstrap: str, topic: str, timeout: float = 20.0) -> pa.Table:
+    """Every row in a kafka_sink topic, decoded."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from handlers.arrow_codec import decode
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in parts]
+        if not tps:
+            return pa.table({"recording": pa.array([], pa.string()),
+                             "seq": pa.array([], pa.int64())})
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        tables = []
+        deadline = asyncio.get_running_loop().time() + timeout
+        while any(await consumer.position(tp) < end[tp] for tp in tps):
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"kafka topic {topic}: not read to its end in {timeout} s")
+            batch = await consumer.getmany(timeout_ms=1000)
+            for msgs in batch.values():
+                for m in msgs:
+                    tables.append(decode(m.value).table.select(["recording", "seq"]))
+        return pa.concat_tables(tables) if tables else pa.table(
+            {"recording": pa.array([], pa.string()), "seq": pa.array([], pa.int64())})
+    finally:
+        await consumer.stop()
+
+
+def cassandra_windows(keyspace: str, table: str = "window_features") -> Counter[str]:
+    """Windows per recording in the features table (blocking: call in a thread)."""
+    from cassandra.cluster import Cluster
+    from cassandra.policies import RoundRobinPolicy
+
+    cluster = Cluster(["127.0.0.1"], protocol_version=5, load_balancing_policy=RoundRobinPolicy())
+    try:
+        session = cluster.connect()
+        rows = session.execute(f'SELECT recording, "window" FROM "{keyspace}"."{table}"')
+        return Counter(r.recording for r in rows)
+    finally:
+        cluster.shutdown()
+
+
+async def mongo_diagnoses(db: str, collection: str = "diagnoses") -> dict[str, dict[str, Any]]:
+    from pymongo import AsyncMongoClient
+
+    client: AsyncMongoClient = AsyncMongoClient("mongodb://127.0.0.1:27017/")
+    try:
+        docs = await client[db][collection].find({}).to_list()
+        return {d["_id"]: d for d in docs}
+    finally:
+        await client.close()
+
+
+async def es_diagnoses(index: str) -> dict[str, dict[str, Any]]:
+    from elasticsearch import AsyncElasticsearch, NotFoundError
+
+    es = AsyncElasticsearch("http://127.0.0.1:9200")
+    try:
+        try:
+            await es.indices.refresh(index=index)
+        except NotFoundError:
+            return {}
+        resp = await es.search(index=index, size=10000, query={"match_all": {}})
+        return {h["_id"]: h["_source"] for h in resp["hits"]["hits"]}
+    finally:
+        await es.close()
+
+
+def per_recording(table: pa.Table) -> tuple[Counter[str], Counter[str]]:
+    """(rows per recording, duplicated (recording, seq) rows per recording)."""
+    rows: Counter[str] = Counter(table.column("recording").to_pylist())
+    pairs = Counter(zip(table.column("recording").to_pylist(), table.column("seq").to_pylist()))
+    dups: Counter[str] = Counter()
+    for (rec, _), n in pairs.items():
+        if n > 1:
+            dups[rec] += n - 1
+    return rows, dups
+
+
+async def cleanup(names: RunNames) -> None:
+    """Drop everything a run created (best effort, each store independently)."""
+    import contextlib
+
+    from aiokafka.admin import AIOKafkaAdminClient
+    from elasticsearch import AsyncElasticsearch
+    from pymongo import AsyncMongoClient
+
+    from handlers.webhdfs import WebHdfs
+
+    with contextlib.suppress(Exception):
+        async with WebHdfs("http://127.0.0.1:9870") as fs:
+            await fs.delete(f"/gaitflow-test/{names.run}", recursive=True)
+    with contextlib.suppress(Exception):
+        admin = AIOKafkaAdminClient(bootstrap_servers="127.0.0.1:9092")
+        await admin.start()
+        try:
+            await admin.delete_topics([names.kafka_topic])
+        finally:
+            await admin.close()
+    with contextlib.suppress(Exception):
+        mc: AsyncMongoClient = AsyncMongoClient("mongodb://127.0.0.1:27017/")
+        try:
+            await mc.drop_database(names.mongo_db)
+        finally:
+            await mc.close()
+    with contextlib.suppress(Exception):
+        es = AsyncElasticsearch("http://127.0.0.1:9200")
+        try:
+            await es.indices.delete(index=names.es_index, ignore_unavailable=True)
+        finally:
+            await es.close()
+
+    def drop_keyspace() -> None:
+        from cassandra.cluster import Cluster
+        from cassandra.policies import RoundRobinPolicy
+
+        cluster = Cluster(["127.0.0.1"], protocol_version=5,
+                          load_balancing_policy=RoundRobinPolicy())
+        try:
+            cluster.connect().execute(f'DROP KEYSPACE IF EXISTS "{names.keyspace}"')
+        finally:
+            cluster.shutdown()
+
+    with contextlib.suppress(Exception):
+        await asyncio.to_thread(drop_keyspace)
