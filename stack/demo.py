@@ -49,8 +49,11 @@ def dataset(args: argparse.Namespace) -> Path:
 
 
 def ensure_model(data: Path, model_dir: Path) -> None:
-    if (model_dir / "model.json").exists():
-        print(f"reusing the trained model in {model_dir}")
+    from ml.artifact import LATEST_FILE
+
+    if (model_dir / LATEST_FILE).exists():
+        version = (model_dir / LATEST_FILE).read_text().strip()
+        print(f"reusing the trained model {version} in {model_dir}")
         return
     step(f"training the model on {data} (subject-wise cross-validation)")
     subprocess.run([PY, "-m", "ml.train", "--data", str(data), "--out", str(model_dir)],

@@ -121,7 +121,7 @@ async def test_creates_keyspace_and_table_and_upserts_each_row_once(
     first = pipeline(runtimes, rows, sink_cfg(cassandra_port, keyspace))
     report = await first.run()
     assert report.ok and report.unacked == 0
-    session.cluster.refresh_keyspace_metadata(keyspace)   # created by another client
+    session.cluster.refresh_schema_metadata()   # created by another client
     ks_meta = session.cluster.metadata.keyspaces[keyspace]
     assert ks_meta.replication_strategy.replication_factor == 1
     table = ks_meta.tables["samples"]

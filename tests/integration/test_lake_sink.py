@@ -42,25 +42,37 @@ async def lake_root(hdfs_url: str) -> AsyncIterator[str]:
 
 
 async def read_lake(url: str, root: str) -> tuple[pa.Table | None, list[str], list[str]]:
-    """(all visible rows, visible file paths, leftover _tmp files) under ``root``."""
-    tables, paths, leftovers = [], [], []
+    """(all visible rows, visible file paths, leftover _tmp files) under ``root``.
+
+    A file may vanish between the listing and the read while a pipeline replaces
+    it (compaction): then the whole read starts over.
+    """
     async with WebHdfs(url, retry=PATIENT) as fs:
-        async def walk(path: str) -> None:
+        for _ in range(20):
+            tables: list[pa.Table] = []
+            paths: list[str] = []
+            leftovers: list[str] = []
+
+            async def walk(path: str) -> None:
+                try:
+                    entries = await fs.list_status(path)
+                except NotFound:
+                    return
+                for st in entries:
+                    if st.is_dir:
+                        await walk(st.path)
+                    elif "/_tmp/" in st.path:
+                        leftovers.append(st.path)
+                    elif st.name.endswith(".parquet"):
+                        paths.append(st.path)
+                        tables.append(pq.read_table(pa.BufferReader(await fs.open(st.path))))
             try:
-                entries = await fs.list_status(path)
+                await walk(root)
             except NotFound:
-                return
-            for st in entries:
-                if st.is_dir:
-                    await walk(st.path)
-                elif "/_tmp/" in st.path:
-                    leftovers.append(st.path)
-                elif st.name.endswith(".parquet"):
-                    paths.append(st.path)
-                    tables.append(pq.read_table(pa.BufferReader(await fs.open(st.path))))
-        await walk(root)
-    lake = pa.concat_tables(tables) if tables else None
-    return lake, sorted(paths), leftovers
+                await asyncio.sleep(0.2)
+                continue
+            return (pa.concat_tables(tables) if tables else None), sorted(paths), leftovers
+    raise AssertionError(f"the lake under {root} kept changing while being read")
 
 
 def keys(lake: pa.Table | None) -> list[tuple[str, int]]:
