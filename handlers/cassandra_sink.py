@@ -7,6 +7,20 @@ into CQL; identifiers (keyspace, table, columns) are checked against
 ``[A-Za-z_][A-Za-z0-9_]{0,47}`` when the settings load and always double-quoted
 (so ``L1`` stays ``L1``), and CQL types against a small grammar.
 
+Settings (``python run.py --describe cassandra_sink`` lists them with types and defaults):
+
+``hosts``, ``port``, ``local_dc``, ``protocol_version``, ``connection_class``,
+``username``, ``password`` (a secret: ``"${CASSANDRA_PASSWORD}"``), ``connect_timeout``,
+``connect_retry``
+    where and how to connect.
+``keyspace``, ``table``, ``contract``, ``columns``, ``partition_key``, ``clustering_key``
+    the table (below).
+``create``, ``replication_strategy``, ``replication_factor``, ``datacenters``
+    creation of an absent keyspace and table.
+``consistency``, ``request_timeout``, ``max_concurrency``, ``batch_rows``,
+``batch_max_bytes``, ``nulls``
+    how rows are written (below).
+
 Table schema
     Either a named contract of handlers/README.md (``contract``):
 
@@ -14,6 +28,9 @@ Table schema
         ``recording text, window bigint, window_key text, seq_first bigint,
         seq_last bigint`` and one ``double`` per name in ``ml.features.FEATURE_NAMES``;
         primary key ``((recording), window)``.
+    ``"baseline_features"`` (§4, spark_job ``features = "baseline"``)
+        the same key columns, then one ``double`` per name in
+        ``ml.features.BASELINE_NAMES``; primary key ``((recording), window)``.
     ``"samples"`` (§1)
         ``recording text, seq bigint, time double, L1..L8, R1..R8, L, R double,
         device text``; primary key ``((recording), seq)``.
@@ -179,23 +196,26 @@ def contract_spec(contract: str) -> TableSpec:
         cols.update({f"{side}{i}": "double" for side in "LR" for i in range(1, 9)})
         cols.update({"L": "double", "R": "double", "device": "text"})
         return TableSpec(cols, ["recording"], ["seq"])
-    if contract == "features":
-        from ml.features import FEATURE_NAMES
+    if contract in ("features", "baseline_features"):
+        from ml.features import BASELINE_NAMES, FEATURE_NAMES
 
         cols = {"recording": "text", "window": "bigint", "window_key": "text",
                 "seq_first": "bigint", "seq_last": "bigint"}
-        cols.update({name: "double" for name in FEATURE_NAMES})
+        names = FEATURE_NAMES if contract == "features" else BASELINE_NAMES
+        cols.update({name: "double" for name in names})
         return TableSpec(cols, ["recording"], ["window"])
-    raise ValueError(f"unknown contract {contract!r}: expected 'features' or 'samples'")
+    raise ValueError(f"unknown contract {contract!r}: expected 'features', "
+                     "'baseline_features' or 'samples'")
 
 
 @dataclasses.dataclass(frozen=True)
 class CassandraSinkSettings:
     table: str = setting(doc="table to upsert into")
     keyspace: str = setting("gaitflow", doc="keyspace of the table")
-    contract: Literal["features", "samples"] | None = setting(
+    contract: Literal["features", "baseline_features", "samples"] | None = setting(
         None, doc="derive the table from a contract of handlers/README.md (§4 features, "
-                  "§1 samples); else give columns and partition_key")
+                  "baseline_features for spark_job features = \"baseline\", §1 samples); "
+                  "else give columns and partition_key")
     columns: dict[str, str] = setting(
         {}, doc="column name -> CQL type (e.g. {cadence = \"double\"}); with a contract: "
                 "extra columns or type changes")

@@ -58,7 +58,9 @@ Exactly once (``dedupe``)
     ``"key"`` (small event topics such as ``gaitflow.segments``)
         every value of the batch's key column (``Batch.key``, e.g. ``path``) seen
         in the lookback or written since is remembered; rows whose key was
-        written are skipped. Memory grows with the number of keys.
+        written are skipped. Memory grows with the number of keys. (Segment
+        events can also use ``"seq"`` with ``seq_column = "seq_last"``: a
+        recording's segments are committed in seq order.)
     ``"none"``
         at-least-once: a replay may duplicate messages.
 
@@ -258,9 +260,9 @@ class KafkaSink(Sink):
                 "kafka_rows_already_written", "Rows skipped: the topic already holds them"),
         }
         try:
-            partitions = await s.connect_retry.call(self._connect, retry_on=RETRY_ON_CONNECT,
-                                                    on_retry=self._log_retry)
-            if s.dedupe != "none":
+            partitions, created = await s.connect_retry.call(
+                self._connect, retry_on=RETRY_ON_CONNECT, on_retry=self._log_retry)
+            if s.dedupe != "none" and not created:  # a topic we just created holds nothing
                 await self._learn_written(partitions)
         except BaseException:
             await self._close_clients()
@@ -278,10 +280,10 @@ class KafkaSink(Sink):
         self.log.warning("kafka.connect_retry", attempt=attempt, delay_s=round(pause, 2),
                          error=f"{type(exc).__name__}: {exc}")
 
-    async def _connect(self) -> list[int]:
+    async def _connect(self) -> tuple[list[int], bool]:
         await self._close_clients()
         s = self.settings
-        partitions = await self._ensure_topic()
+        partitions, created = await self._ensure_topic()
         self._producer = self._new_producer(
             **client_options(s, self.name), acks="all", enable_idempotence=True,
             compression_type=self._compression, linger_ms=s.linger_ms,
@@ -291,10 +293,10 @@ class KafkaSink(Sink):
         except Exception as exc:
             raise ConnectionError(f"cannot connect to Kafka at {', '.join(s.bootstrap_servers)}: "
                                   f"{type(exc).__name__}: {exc}") from exc
-        return partitions
+        return partitions, created
 
-    async def _ensure_topic(self) -> list[int]:
-        """The topic's partition ids, after creating it if allowed and absent."""
+    async def _ensure_topic(self) -> tuple[list[int], bool]:
+        """The topic's partition ids, and whether the sink just created it."""
         s = self.settings
         admin = self._new_admin(**client_options(s, self.name))
         try:
@@ -304,7 +306,10 @@ class KafkaSink(Sink):
                 raise ConnectionError(
                     f"cannot connect to Kafka at {', '.join(s.bootstrap_servers)}: "
                     f"{type(exc).__name__}: {exc}") from exc
-            found = await self._describe(admin)
+            # list first: a metadata request naming a missing topic would make a broker with
+            # auto.create.topics.enable create it with its defaults, not our partitions
+            found = await self._describe(admin) if s.topic in await admin.list_topics() else None
+            created = False
             if found is None:
                 if not s.create_topic:
                     raise RuntimeError(f"topic {s.topic!r} does not exist and create_topic = false")
@@ -316,8 +321,10 @@ class KafkaSink(Sink):
                         err = kafka_errors.for_code(code)
                         raise RuntimeError(f"cannot create topic {s.topic!r}: {err.__name__}: "
                                            f"{entry.get('error_message') or ''}".rstrip(": "))
-                self.log.info("kafka.topic_created", topic=s.topic, partitions=s.partitions,
-                              replication_factor=s.replication_factor)
+                created = all(e["error_code"] == 0 for e in response.to_object()["topic_errors"])
+                if created:  # else another process created it a moment ago
+                    self.log.info("kafka.topic_created", topic=s.topic, partitions=s.partitions,
+                                  replication_factor=s.replication_factor)
                 for _ in range(50):  # metadata propagates shortly after creation
                     found = await self._describe(admin)
                     if found:
@@ -325,7 +332,7 @@ class KafkaSink(Sink):
                     await asyncio.sleep(0.1)
                 if not found:
                     raise RuntimeError(f"topic {s.topic!r} was created but has no partitions yet")
-            return found
+            return found, created
         finally:
             await admin.close()
 

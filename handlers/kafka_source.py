@@ -256,8 +256,9 @@ class KafkaSource(Source):
                 tp = TopicPartition(msg.topic, msg.partition)
                 if self._emitting.get(tp) != epoch:
                     continue  # revoked since it was fetched
-                await self._emit_message(msg, Offset(tp, msg.offset, epoch))
+                # counted as in flight from here: a revoke waits for its commit
                 self._emitted[tp] = msg.offset
+                await self._emit_message(msg, Offset(tp, msg.offset, epoch))
         finally:
             fetcher.cancel()
             await asyncio.gather(fetcher, return_exceptions=True)

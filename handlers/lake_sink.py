@@ -117,7 +117,6 @@ def block_of(seq: int, roll_rows: int) -> tuple[int, int]:
     return k * roll_rows, (k + 1) * roll_rows - 1
 
 
-# ruff: noqa: RUF009 - pipeline.setting() returns a dataclasses.field, ruff cannot tell
 @dataclasses.dataclass(frozen=True)
 class LakeSinkSettings:
     url: str = setting("http://127.0.0.1:9870", doc="the NameNode's WebHDFS address")
@@ -230,6 +229,7 @@ class _Recording:
     files: list[_File]
     blocks: dict[int, _Block] = dataclasses.field(default_factory=dict)
     end: _End | None = None
+    orphans: list[str] = dataclasses.field(default_factory=list)   # failed writes to delete
     touched: float = dataclasses.field(default_factory=time.monotonic)
 
     @property
@@ -641,7 +641,13 @@ class LakeSink(Sink):
         dest = join(state.dir, name)
         data = await self._encode(merged)
         tmp = join(state.tmp_dir, f"{name}.{uuid.uuid4().hex[:12]}.tmp")
-        await fs.create(tmp, data, overwrite=True)
+        try:
+            await fs.create(tmp, data, overwrite=True)
+        except BaseException:
+            # maybe half written (or written, the answer lost): its rows are still in the
+            # buffer and the sources, so it is only garbage to remove later
+            state.orphans.append(tmp)
+            raise
         staged = _File(tmp, first, last, merged.num_rows, hidden=True)
         state.files.append(staged)   # from here on its rows must survive a failed attempt
         for f in sources:
@@ -663,6 +669,12 @@ class LakeSink(Sink):
                     state.files.remove(f)
                 except WebHdfsError as exc:  # its rows are visible now; retried next flush
                     self.log.warning("lake.cleanup_failed", path=f.path, error=str(exc))
+        for path in list(state.orphans):
+            try:
+                await fs.delete(path)
+                state.orphans.remove(path)
+            except WebHdfsError as exc:
+                self.log.warning("lake.cleanup_failed", path=path, error=str(exc))
         self._m["files"].inc()
         self._m["rows"].inc(merged.num_rows)
         self._m["bytes"].inc(len(data))

@@ -78,8 +78,8 @@ Connection
     exponential backoff (``reconnect_backoff`` .. ``reconnect_max_backoff``) while
     ``set_connected(False)`` makes ``/readyz`` report it.
 
-Metrics: ``mqtt_messages``, ``mqtt_invalid_messages``, ``mqtt_end_markers``,
-``mqtt_reconnects``, ``mqtt_stale_acks``, gauge ``mqtt_inflight``.
+Metrics: ``mqtt_messages``, ``mqtt_acked_messages``, ``mqtt_invalid_messages``,
+``mqtt_end_markers``, ``mqtt_reconnects``, ``mqtt_stale_acks``, gauge ``mqtt_inflight``.
 """
 from __future__ import annotations
 
@@ -360,7 +360,6 @@ def samples_batch(items: list[Samples]) -> pa.RecordBatch:
 
 
 # --------------------------------------------------------------------------- settings
-# ruff: noqa: RUF009 - pipeline.setting() returns a dataclasses.field, ruff cannot tell
 @dataclasses.dataclass(frozen=True)
 class MqttSourceSettings:
     topics: list[str] = setting(doc="topic filters to subscribe to, e.g. [\"gaitflow/insoles/+\"]")
@@ -483,6 +482,8 @@ class MqttSource(Source):
             "invalid": m.counter("mqtt_invalid_messages", "MQTT messages sent to dead letter"),
             "ends": m.counter("mqtt_end_markers", "Recording end markers received"),
             "reconnects": m.counter("mqtt_reconnects", "Reconnections to the broker"),
+            "acked": m.counter("mqtt_acked_messages", "Messages acknowledged upstream "
+                                                       "(PUBACK sent) after downstream commit"),
             "stale": m.counter("mqtt_stale_acks", "Acknowledgements dropped because their "
                                                   "connection was gone (the broker redelivers)"),
             "inflight": m.gauge("mqtt_inflight", "Messages read and not yet acknowledged"),
@@ -704,15 +705,17 @@ class MqttSource(Source):
     async def commit(self, tokens: list[Any]) -> None:
         conn = self._conn
         paho = conn._client if conn is not None else None
-        stale = 0
+        stale = acked = 0
         for token in tokens:
             if paho is not None and token.gen == self._gen:
                 for mid, qos in token.acks:
                     if qos:
                         paho.ack(mid, qos)
+                acked += len(token.acks)
             else:
                 stale += len(token.acks)
             self._inflight -= len(token.acks)
+        self._m["acked"].inc(acked)
         if stale:
             self._m["stale"].inc(stale)
         self._m["inflight"].set(self._inflight)

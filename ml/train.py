@@ -29,7 +29,7 @@ import hashlib
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,6 +45,7 @@ from . import features as F
 from .evaluate import binary_metrics, evaluation_table, subject_folds
 from .model import (
     CANDIDATES,
+    DEFAULT_CANDIDATES,
     MEMBERS,
     GaitModel,
     Member,
@@ -159,17 +160,23 @@ def rocket_fit_transform(series: list[np.ndarray], train: np.ndarray, seed: int,
     return rocket, rocket_transform(rocket, series, jobs)
 
 
+def _rocket_chunk(rocket: MiniRocket, x: np.ndarray) -> np.ndarray:
+    with threadpool_limits(1):
+        return rocket.transform(x)
+
+
 def rocket_transform(rocket: MiniRocket, series: list[np.ndarray], jobs: int = 2) -> np.ndarray:
+    """Mean MiniRocket features of each recording's windows (``jobs`` processes)."""
     allw = np.concatenate(series)
     bounds = np.cumsum([0] + [len(s) for s in series])
-    chunks = [(a, min(a + 512, len(allw))) for a in range(0, len(allw), 512)]
-    out = np.empty((len(allw), rocket.n_features_out_), dtype=np.float32)
-
-    def run(c: tuple[int, int]) -> None:
-        out[c[0] : c[1]] = rocket.transform(allw[c[0] : c[1]])
-
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
-        list(ex.map(run, chunks))
+    step = 256
+    chunks = [allw[a : a + step] for a in range(0, len(allw), step)]
+    if jobs > 1 and len(chunks) > 1:
+        with ProcessPoolExecutor(max_workers=jobs) as ex:
+            parts = list(ex.map(_rocket_chunk, [rocket] * len(chunks), chunks))
+    else:
+        parts = [_rocket_chunk(rocket, c) for c in chunks]
+    out = np.concatenate(parts)
     return np.stack([out[bounds[i] : bounds[i + 1]].mean(axis=0) for i in range(len(series))])
 
 
@@ -249,7 +256,7 @@ class CVResult:
 
 
 def nested_cv(ds: Dataset, *, folds: int = 5, inner_folds: int = 4, seed: int = 0,
-              candidates: Sequence[str] = tuple(CANDIDATES), jobs: int = 2) -> CVResult:  # fmt: skip
+              candidates: Sequence[str] = DEFAULT_CANDIDATES, jobs: int = 2) -> CVResult:  # fmt: skip
     meta, y = ds.meta, ds.y
     agg = ds.aggregated()
     use_rocket = ds.series is not None and any(
@@ -412,7 +419,7 @@ def train(data_dir: str | Path, out_dir: str | Path, *, folds: int = 5, inner_fo
     from .report import write_report
 
     t_start = time.perf_counter()
-    candidates = list(candidates or CANDIDATES)
+    candidates = list(candidates or DEFAULT_CANDIDATES)
     unknown = set(candidates) - set(CANDIDATES)
     if unknown:
         raise ValueError(f"unknown candidates {sorted(unknown)}; known: {sorted(CANDIDATES)}")
@@ -518,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=float, default=F.DEFAULT_WINDOW_S, help="window length, s")
     ap.add_argument("--step", type=float, default=F.DEFAULT_STEP_S, help="window step, s")
     ap.add_argument("--candidates", default=None,
-                    help=f"comma-separated subset of {','.join(CANDIDATES)}")  # fmt: skip
+                    help=f"comma-separated, from {','.join(CANDIDATES)} "
+                         f"(default {','.join(DEFAULT_CANDIDATES)})")  # fmt: skip
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--bootstrap", type=int, default=1000)
     args = ap.parse_args(argv)

@@ -41,6 +41,21 @@ async def lake_root(hdfs_url: str) -> AsyncIterator[str]:
         await fs.delete(root, recursive=True)
 
 
+async def _walk(fs: WebHdfs, path: str, out: dict[str, list[Any]]) -> None:
+    try:
+        entries = await fs.list_status(path)
+    except NotFound:
+        return
+    for st in entries:
+        if st.is_dir:
+            await _walk(fs, st.path, out)
+        elif "/_tmp/" in st.path:
+            out["leftovers"].append(st.path)
+        elif st.name.endswith(".parquet"):
+            out["paths"].append(st.path)
+            out["tables"].append(pq.read_table(pa.BufferReader(await fs.open(st.path))))
+
+
 async def read_lake(url: str, root: str) -> tuple[pa.Table | None, list[str], list[str]]:
     """(all visible rows, visible file paths, leftover _tmp files) under ``root``.
 
@@ -49,29 +64,15 @@ async def read_lake(url: str, root: str) -> tuple[pa.Table | None, list[str], li
     """
     async with WebHdfs(url, retry=PATIENT) as fs:
         for _ in range(20):
-            tables: list[pa.Table] = []
-            paths: list[str] = []
-            leftovers: list[str] = []
-
-            async def walk(path: str) -> None:
-                try:
-                    entries = await fs.list_status(path)
-                except NotFound:
-                    return
-                for st in entries:
-                    if st.is_dir:
-                        await walk(st.path)
-                    elif "/_tmp/" in st.path:
-                        leftovers.append(st.path)
-                    elif st.name.endswith(".parquet"):
-                        paths.append(st.path)
-                        tables.append(pq.read_table(pa.BufferReader(await fs.open(st.path))))
+            out: dict[str, list[Any]] = {"tables": [], "paths": [], "leftovers": []}
             try:
-                await walk(root)
+                await _walk(fs, root, out)
             except NotFound:
                 await asyncio.sleep(0.2)
                 continue
-            return (pa.concat_tables(tables) if tables else None), sorted(paths), leftovers
+            tables = out["tables"]
+            return (pa.concat_tables(tables) if tables else None), sorted(out["paths"]), \
+                out["leftovers"]
     raise AssertionError(f"the lake under {root} kept changing while being read")
 
 

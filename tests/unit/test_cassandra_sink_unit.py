@@ -281,6 +281,10 @@ def test_contracts_follow_the_handlers_readme() -> None:
                                       "seq_last", *FEATURE_NAMES]
     assert all(features.columns[n] == "double" for n in FEATURE_NAMES)
     assert (features.partition_key, features.clustering_key) == (["recording"], ["window"])
+    from ml.features import BASELINE_NAMES
+
+    baseline = contract_spec("baseline_features")
+    assert list(baseline.columns)[5:] == list(BASELINE_NAMES)
 
 
 def test_contract_can_be_amended() -> None:

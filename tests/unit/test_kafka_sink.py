@@ -104,6 +104,9 @@ class FakeAdmin:
     async def close(self) -> None:
         pass
 
+    async def list_topics(self) -> list[str]:
+        return list(BROKER.topics)
+
     async def describe_topics(self, topics: list[str]) -> list[dict[str, Any]]:
         out = []
         for t in topics:

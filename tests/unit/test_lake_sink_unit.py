@@ -30,6 +30,7 @@ class FakeHdfs:
         self.files: dict[str, bytes] = {}
         self.dirs: set[str] = {"/"}
         self.fail: Counter[str] = Counter()          # op -> failures to inject
+        self.torn_creates = 0                        # creates that write half, then fail
         self.ops: Counter[str] = Counter()
         self.max_visible_dups = 0
         self._cache: dict[bytes, list[tuple[str, int]]] = {}
@@ -70,6 +71,11 @@ class FakeHdfs:
     async def create(self, path: str, data: bytes, *, overwrite: bool = True) -> None:
         self._op("CREATE", path)
         await self.mkdirs(posixpath.dirname(path))
+        if self.torn_creates:
+            self.torn_creates -= 1
+            self.files[path] = bytes(data[: len(data) // 2])
+            raise WebHdfsError("CREATE", path, "connection reset by the DataNode",
+                               transient=True)
         self.files[path] = bytes(data)
         self.check()
 
@@ -336,6 +342,14 @@ async def test_transient_failures_are_retried(fs: FakeHdfs) -> None:
     assert_exactly(fs, {"A": range(100)})
     assert rt.handlers["dlq"].row_count == 0
     assert rt.metrics.value("lake_flush_failures", "lake") == 2
+
+
+async def test_a_half_written_temporary_file_is_cleaned_up(fs: FakeHdfs) -> None:
+    fs.torn_creates = 2
+    rt = pipeline(steps("A", range(100), 50), roll_rows=50, flush_attempts=3)
+    assert (await rt.run()).ok
+    assert_exactly(fs, {"A": range(100)})
+    assert not fs.leftovers() and rt.handlers["dlq"].row_count == 0
 
 
 async def test_a_flush_that_keeps_failing_dead_letters_its_batches(fs: FakeHdfs) -> None:
