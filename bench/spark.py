@@ -72,22 +72,24 @@ async def load_lake(fs: WebHdfs, raw: str, samples: dict[str, np.ndarray],
             await fs.create(f"{raw}/{path}", body)
             written[1] += len(body)
 
-    tasks = [asyncio.create_task(writer()) for _ in range(4)]
-    total = len(samples) * len(suffixes)
-    done = 0
-    for suffix in suffixes:
-        for rid, x in samples.items():
-            files = await asyncio.to_thread(segment_files, rid + suffix, x)
-            for item in files:
-                await queue.put(item)
-            written[0] += len(x)
-            done += 1
-            if done % 50 == 0 or done == total:
-                print(f"    {done}/{total} recordings queued, {written[0]:,} rows, "
-                      f"{written[1] / 1e6:.0f} MB written", flush=True)
-    for _ in tasks:
-        await queue.put(None)
-    await asyncio.gather(*tasks)
+    async def producer() -> None:
+        total, done = len(samples) * len(suffixes), 0
+        for suffix in suffixes:
+            for rid, x in samples.items():
+                for item in await asyncio.to_thread(segment_files, rid + suffix, x):
+                    await queue.put(item)
+                written[0] += len(x)
+                done += 1
+                if done % 100 == 0 or done == total:
+                    print(f"    {done}/{total} recordings, {written[0]:,} rows, "
+                          f"{written[1] / 1e6:.0f} MB written", flush=True)
+        for _ in range(4):
+            await queue.put(None)
+
+    async with asyncio.TaskGroup() as tg:  # a failed write stops everything
+        for _ in range(4):
+            tg.create_task(writer())
+        tg.create_task(producer())
     return written[0], written[1], time.perf_counter() - t0
 
 

@@ -23,8 +23,9 @@ Rolling (when buffered rows become a file)
       in the lake) → all its files and buffered rows become the one file of the block;
     * time: rows buffered longer than ``roll_interval`` seconds are flushed as a
       partial file (needed with MQTT: the source's acknowledgement window is finite);
-    * bytes: a recording buffering ``roll_bytes`` (or all recordings ``max_buffer_bytes``)
-      is flushed the same way.
+    * bytes: a recording buffering ``roll_bytes`` is flushed the same way; while all
+      buffers together exceed ``max_buffer_bytes`` the biggest is flushed and
+      ``write`` waits (backpressure).
 
 No duplicate is ever visible, nothing is lost
     The visible files of a recording always hold disjoint ``seq`` ranges. A flush
@@ -38,8 +39,12 @@ No duplicate is ever visible, nothing is lost
     between, the complete temporary file still holds them: the next time the
     recording is written the sink lists ``_tmp`` and merges every leftover it can
     read (a half-written one cannot be read and is deleted; its rows were still
-    visible or unacknowledged). Flushes of a recording are serialised; one sink
-    instance must own a recording (see mqtt_source on shared subscriptions).
+    visible or unacknowledged). Flushes of a recording run one after the other;
+    one sink instance must own a recording (see mqtt_source on shared
+    subscriptions). A file that replaces others is announced by its own segment
+    event; the replaced paths are gone, so a consumer of segment events must
+    tolerate a missing path (a later event covers its rows) and key its output by
+    ``(recording, seq)`` or window.
 
 Acknowledgement
     A batch stays uncommitted (``Deferred``) until every one of its rows is in a file
@@ -62,9 +67,13 @@ Recording end
 HDFS
     All I/O goes through :mod:`handlers.webhdfs` (aiohttp; the NameNode's redirect
     to the DataNode is followed by hand; connection errors, 5xx and safe mode are
-    retried with backoff, which rides out a NameNode restart). Parquet encoding and
-    decoding of more than ``thread_rows`` rows run in a worker thread.
-    ``/readyz`` reports the sink disconnected while requests fail transiently.
+    retried with backoff, which rides out a NameNode restart). ``write`` only
+    buffers and schedules: files are written by background jobs, up to
+    ``max_concurrent_flushes`` recordings at a time (HDFS needs ~0.4 s to close a
+    file), while ``write`` waits only when the buffers exceed ``max_buffer_bytes``.
+    Parquet encoding and decoding of more than ``thread_rows`` rows run in a worker
+    thread. ``/readyz`` reports the sink disconnected while requests fail
+    transiently.
 
 Metrics: ``lake_files``, ``lake_rows``, ``lake_bytes``, ``lake_flush_failures``,
 ``lake_incomplete_recordings``, gauge ``lake_buffered_rows``, histogram
@@ -145,6 +154,9 @@ class LakeSinkSettings:
         doc="retries of each WebHDFS request (transient errors only)")
     flush_attempts: int = setting(3, doc="attempts of a whole flush before its batches go "
                                          "to dead letter", min=1)
+    max_concurrent_flushes: int = setting(8, doc="files written at the same time (different "
+                                                 "recordings; a recording's are in order)",
+                                          min=1, max=64)
 
     def __post_init__(self) -> None:
         root = self.root
@@ -224,12 +236,16 @@ class _End:
 @dataclasses.dataclass(eq=False)
 class _Recording:
     id: str
-    dir: str
-    tmp_dir: str
-    files: list[_File]
+    dir: str = ""
+    tmp_dir: str = ""
+    files: list[_File] = dataclasses.field(default_factory=list)
     blocks: dict[int, _Block] = dataclasses.field(default_factory=dict)
-    end: _End | None = None
+    ends: list[_End] = dataclasses.field(default_factory=list)
     orphans: list[str] = dataclasses.field(default_factory=list)   # failed writes to delete
+    opened: bool = False
+    io: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # HDFS work, in order
+    scheduled: set[int] = dataclasses.field(default_factory=set)        # blocks with a job
+    end_scheduled: bool = False
     touched: float = dataclasses.field(default_factory=time.monotonic)
 
     @property
@@ -251,7 +267,8 @@ class LakeSink(Sink):
         self.root = self.settings.root.rstrip("/")
         self.fs: WebHdfs | None = None
         self._recs: dict[str, _Recording] = {}
-        self._lock: asyncio.Lock | None = None
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._slots: asyncio.Semaphore | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._m: dict[str, Any] = {}
 
@@ -269,8 +286,9 @@ class LakeSink(Sink):
             "buffered": m.gauge("lake_buffered_rows", "Rows buffered, not yet in a file"),
             "flush": m.histogram("lake_flush_seconds", "Time to make one file visible"),
         }
-        self._lock = asyncio.Lock()
+        self._slots = asyncio.Semaphore(s.max_concurrent_flushes)
         self.fs = WebHdfs(s.url, user=s.user, retry=s.http_retry, timeout=s.request_timeout,
+                          connections=s.max_concurrent_flushes * 2,
                           on_state=self._on_hdfs_state, on_retry=self._on_retry)
         await self.fs.open_session()
         try:
@@ -283,18 +301,21 @@ class LakeSink(Sink):
         self._ticker = asyncio.create_task(self._tick(), name=f"lake-roll:{self.name}")
 
     async def drain(self) -> None:
-        assert self._lock is not None
-        async with self._lock:
-            await self._stop_ticker()
-            for state in list(self._recs.values()):
-                if state.end is not None:
-                    await self._check_end(state, force=True)
-                else:
-                    await self._flush_recording(state)
-            self._update_gauge()
+        await self._stop_ticker()
+        await self._wait_jobs()
+        for state in list(self._recs.values()):
+            if state.ends:
+                self._schedule_end(state, force=True)
+            elif any(b.chunks for b in state.blocks.values()):
+                self._schedule_flush(state, None)
+        await self._wait_jobs()
+        self._update_gauge()
 
     async def close(self) -> None:
         await self._stop_ticker()
+        for job in list(self._jobs):
+            job.cancel()
+        await asyncio.gather(*self._jobs, return_exceptions=True)
         if self.fs is not None:
             await self.fs.close()
 
@@ -304,6 +325,10 @@ class LakeSink(Sink):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
+    async def _wait_jobs(self) -> None:
+        while self._jobs:
+            await asyncio.gather(*list(self._jobs), return_exceptions=True)
+
     def _on_hdfs_state(self, connected: bool, detail: str) -> None:
         self.set_connected(connected, "" if connected else f"WebHDFS: {detail}")
 
@@ -311,15 +336,70 @@ class LakeSink(Sink):
         self.log.warning("lake.http_retry", op=op, attempt=attempt, error=str(exc),
                          retry_in_s=round(pause, 2))
 
+    # -- jobs: HDFS work runs in tasks, one at a time per recording -------------------------
+    def _spawn(self, state: _Recording, work: Any, what: str) -> None:
+        async def job() -> None:
+            assert self._slots is not None
+            try:
+                async with self._slots, state.io:
+                    await work()
+            except Exception as exc:  # noqa: BLE001 - a job must not die silently
+                self.log.error("lake.job_failed", recording=state.id, job=what,
+                               error=f"{type(exc).__name__}: {exc}")
+            finally:
+                self._update_gauge()
+
+        task = asyncio.create_task(job(), name=f"lake:{self.name}:{state.id}:{what}")
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+
+    def _schedule_flush(self, state: _Recording, ks: list[int] | None) -> None:
+        """Flush blocks ``ks`` (None: every buffered block) of ``state`` in a job."""
+        todo = sorted(state.blocks) if ks is None else ks
+        todo = [k for k in todo if k not in state.scheduled]
+        if not todo:
+            return
+        state.scheduled.update(todo)
+
+        async def work() -> None:
+            for k in todo:
+                state.scheduled.discard(k)
+                block = state.blocks.get(k)
+                if block is not None and block.chunks:
+                    await self._flush_block(state, k, compact=self._complete(state, k))
+
+        self._spawn(state, work, "flush")
+
+    def _schedule_end(self, state: _Recording, force: bool = False) -> None:
+        if state.end_scheduled and not force:
+            return
+        state.end_scheduled = True
+
+        async def work() -> None:
+            state.end_scheduled = False
+            if state.ends:
+                await self._check_end(state, force=force)
+
+        self._spawn(state, work, "end")
+
     # -- input -------------------------------------------------------------------
     async def write(self, batch: Batch) -> None:
-        assert self._lock is not None
-        async with self._lock:
-            if batch.meta.get("event") == "recording_end":
-                await self._end_event(batch)
-            else:
-                await self._samples(batch)
-            self._update_gauge()
+        if batch.meta.get("event") == "recording_end":
+            await self._end_event(batch)
+        else:
+            await self._samples(batch)
+        self._update_gauge()
+        # backpressure: while the buffers hold too much, flush the biggest and wait (jobs
+        # are few: at most a flush and an end check per recording)
+        limit = self.settings.max_buffer_bytes
+        while self._buffered_bytes() > limit:
+            self._schedule_flush(max(self._recs.values(), key=lambda r: r.nbytes), None)
+            if not self._jobs:
+                break
+            await asyncio.wait(list(self._jobs), return_when=asyncio.FIRST_COMPLETED)
+
+    def _buffered_bytes(self) -> int:
+        return sum(r.nbytes for r in self._recs.values())
 
     async def _samples(self, batch: Batch) -> None:
         s = self.settings
@@ -338,8 +418,7 @@ class LakeSink(Sink):
         recs = pc.dictionary_encode(table.column("recording").combine_chunks())
         codes = recs.indices.to_numpy(zero_copy_only=False)
         ids = recs.dictionary.to_pylist()
-        for rec in ids:   # every directory known before any row is buffered
-            await self._recording(rec)
+        states = [await self._recording(rec) for rec in ids]   # all opened before buffering
         seqs = table.column("seq").to_numpy().astype(np.int64, copy=False)
         order = np.lexsort((seqs, codes))
         codes, seqs = codes[order], seqs[order]
@@ -350,8 +429,10 @@ class LakeSink(Sink):
         row_bytes = max(1, table.nbytes // max(1, table.num_rows))
         pending = _Pending(self.defer(batch))
         touched: dict[str, _Recording] = {}
+        now = time.monotonic()
+        # no await from here on: the buffers change atomically for the jobs
         for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
-            state = await self._recording(ids[codes[a]])
+            state = states[codes[a]]
             k = int(blocks[a])
             block = state.blocks.get(k)
             if block is None:
@@ -359,19 +440,16 @@ class LakeSink(Sink):
             block.add(table.slice(a, b - a), seqs[a:b] - k * s.roll_rows, (b - a) * row_bytes)
             block.pendings.append(pending)
             pending.parts += 1
-            state.touched = time.monotonic()
+            state.touched = now
             touched[state.id] = state
         for state in touched.values():
-            for k in sorted(state.blocks):
-                if self._complete(state, k):
-                    await self._flush_block(state, k, compact=True)
+            complete = [k for k in sorted(state.blocks) if self._complete(state, k)]
             if state.nbytes >= s.roll_bytes:
-                await self._flush_recording(state)
-            if state.end is not None:
-                await self._check_end(state)
-        while self._recs and sum(r.nbytes for r in self._recs.values()) > s.max_buffer_bytes:
-            biggest = max(self._recs.values(), key=lambda r: r.nbytes)
-            await self._flush_recording(biggest)
+                self._schedule_flush(state, None)
+            elif complete:
+                self._schedule_flush(state, complete)
+            if state.ends:
+                self._schedule_end(state)
 
     async def _refuse_bad_rows(self, batch: Batch, table: pa.Table) -> pa.Table:
         """Dead-letter rows that cannot be stored (null or unsafe id, null/negative seq)."""
@@ -411,32 +489,34 @@ class LakeSink(Sink):
                 continue
             ends.append((await self._recording(rec), total))
         pending = _Pending(self.defer(batch))
-        pending.parts = 1     # held until every recording of the event is handled
-        try:
-            for state, total in ends:
-                if state.end is not None:   # a repeated marker replaces the earlier one
-                    state.end.pending.part_done()
-                pending.parts += 1
-                state.end = _End(total, time.monotonic() + self.settings.end_timeout, pending)
-                await self._check_end(state)
-        finally:
-            pending.part_done()
+        deadline = time.monotonic() + self.settings.end_timeout
+        for state, total in ends:
+            pending.parts += 1
+            state.ends.append(_End(total, deadline, pending))
+            self._schedule_end(state)
+        pending.parts += 1
+        pending.part_done()      # commits at once when the event named no valid recording
 
     # -- recordings ------------------------------------------------------------------
     async def _recording(self, rec: str) -> _Recording:
         state = self._recs.get(rec)
         if state is None:
-            state = self._recs[rec] = await self._open_recording(rec)
+            state = self._recs[rec] = _Recording(rec)
+        if not state.opened:
+            async with state.io:
+                if not state.opened:
+                    await self._open_recording(state)
         return state
 
     def _dirs(self, date: dt.date, rec: str) -> tuple[str, str]:
         part = f"date={date.isoformat()}/recording={rec}"
         return join(self.root, part), join(self.root, "_tmp", part)
 
-    async def _open_recording(self, rec: str) -> _Recording:
+    async def _open_recording(self, state: _Recording) -> None:
         """Pick the partition date, list the files, pick up leftovers of a crashed flush."""
         fs = self.fs
         assert fs is not None
+        rec = state.id
         today = dt.datetime.now(dt.UTC).date()
         date = today
         for back in range(self.settings.date_lookback_days, 0, -1):
@@ -462,7 +542,7 @@ class LakeSink(Sink):
         if any(f.hidden for f in files):
             self.log.warning("lake.recovering", recording=rec,
                              leftovers=[f.path for f in files if f.hidden])
-        return _Recording(rec, visible, tmp, files)
+        state.dir, state.tmp_dir, state.files, state.opened = visible, tmp, files, True
 
     def _complete(self, state: _Recording, k: int) -> bool:
         """Block ``k`` (probably) holds ``roll_rows`` distinct samples, lake included."""
@@ -476,16 +556,10 @@ class LakeSink(Sink):
                 known += f.rows if f.rows is not None else (min(f.last, hi) - max(f.first, lo) + 1)
         return block.distinct + known >= self.settings.roll_rows
 
-    async def _flush_recording(self, state: _Recording) -> None:
-        for k in sorted(state.blocks):
-            if state.blocks[k].chunks:
-                await self._flush_block(state, k, compact=self._complete(state, k))
-
-    # -- recording end -----------------------------------------------------------------
+    # -- recording end (in a job: the recording's io lock is held) -------------------------
     async def _check_end(self, state: _Recording, force: bool = False) -> None:
-        end = state.end
-        assert end is not None
-        n, roll = end.rows_total, self.settings.roll_rows
+        n = max(e.rows_total for e in state.ends)
+        roll = self.settings.roll_rows
         if n == 0:
             await self._finalize(state, None)
             return
@@ -498,7 +572,7 @@ class LakeSink(Sink):
                 self.log.warning("lake.end_check_failed", recording=state.id, error=str(exc))
                 return
             have = 0
-        if have < need and not force and time.monotonic() < end.deadline:
+        if have < need and not force and time.monotonic() < min(e.deadline for e in state.ends):
             return
         if have < need:
             self._m["incomplete"].inc()
@@ -512,7 +586,7 @@ class LakeSink(Sink):
         hi = lo + self.settings.roll_rows - 1
         block = state.blocks.get(k)
         seen = block.seen.copy() if block is not None else np.zeros(hi - lo + 1, dtype=bool)
-        for f in state.files:
+        for f in list(state.files):
             if not f.overlaps(lo, hi):
                 continue
             if f.rows is None or not f.gapless:
@@ -528,10 +602,11 @@ class LakeSink(Sink):
         return int(np.count_nonzero(seen[:need]))
 
     async def _finalize(self, state: _Recording, k: int | None) -> None:
-        end = state.end
-        assert end is not None
+        ends, state.ends = state.ends, []
+        pendings = [e.pending for e in ends]
         for j in sorted(state.blocks):
-            if j != k and state.blocks[j].chunks:
+            block = state.blocks.get(j)
+            if j != k and block is not None and block.chunks:
                 await self._flush_block(state, j, compact=self._complete(state, j))
         if k is not None:
             roll = self.settings.roll_rows
@@ -541,19 +616,18 @@ class LakeSink(Sink):
             if (block is not None and block.chunks) or len(files) > 1 or \
                     any(f.hidden for f in files):
                 await self._flush_block(state, k, compact=True, final=True,
-                                        also_parents=[end.pending])
+                                        also_parents=pendings)
             elif files:   # already one file: announce it as final, no rewrite
                 f = files[0]
                 if f.rows is None:
                     await self._read(state, f)
-                await self._announce(state, f, True, [end.pending.deferred])
+                await self._announce(state, f, True,
+                                     [p.deferred for p in pendings if not p.failed])
             else:
                 self.log.warning("lake.recording_end_without_rows", recording=state.id,
-                                 rows_total=end.rows_total)
-        state.end = None
-        end.pending.part_done()
-        if not any(b.chunks for b in state.blocks.values()):
-            self._recs.pop(state.id, None)
+                                 rows_total=max(e.rows_total for e in ends))
+        for p in pendings:
+            p.part_done()
 
     # -- flushing ----------------------------------------------------------------------
     async def _flush_block(self, state: _Recording, k: int, *, compact: bool,
@@ -564,14 +638,15 @@ class LakeSink(Sink):
         marker), failed with the block's batches if the flush fails.
         """
         s = self.settings
-        block = state.blocks.get(k) or _Block(s.roll_rows)
+        block = state.blocks.pop(k, None) or _Block(s.roll_rows)
+        state.scheduled.discard(k)
         pendings = [*block.pendings, *also_parents]
         error: BaseException | None = None
         for attempt in range(1, s.flush_attempts + 1):
             t0 = time.perf_counter()
             try:
                 written = await self._rewrite(state, k, block, compact)
-            except (WebHdfsError, OSError, pa.ArrowException, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - every failure: retry, then dead letter
                 error = exc
                 self._m["failures"].inc()
                 self.log.warning("lake.flush_failed", recording=state.id, block=k,
@@ -581,14 +656,12 @@ class LakeSink(Sink):
                     await asyncio.sleep(s.http_retry.delay(attempt))
                 continue
             self._m["flush"].observe(time.perf_counter() - t0)
-            state.blocks.pop(k, None)
             if written is not None:
                 await self._announce(state, written, final,
                                      [p.deferred for p in pendings if not p.failed])
             for p in block.pendings:
                 p.part_done()
             return
-        state.blocks.pop(k, None)
         assert error is not None
         reason = f"lake flush of {state.id} block {k} failed after {s.flush_attempts} " \
                  f"attempts: {type(error).__name__}: {error}"
@@ -719,28 +792,26 @@ class LakeSink(Sink):
         s = self.settings
         period = min(1.0, s.roll_interval / 4) if s.roll_interval else 1.0
         period = max(period, 0.05)
-        assert self._lock is not None
         while True:
             await asyncio.sleep(period)
-            async with self._lock:
-                try:
-                    await self._roll_due()
-                except Exception as exc:  # noqa: BLE001 - the roller must survive
-                    self.log.error("lake.roll_error", error=f"{type(exc).__name__}: {exc}")
-                self._update_gauge()
+            try:
+                self._roll_due()
+            except Exception as exc:  # noqa: BLE001 - the roller must survive
+                self.log.error("lake.roll_error", error=f"{type(exc).__name__}: {exc}")
 
-    async def _roll_due(self) -> None:
+    def _roll_due(self) -> None:
         s = self.settings
         now = time.monotonic()
         for state in list(self._recs.values()):
             if s.roll_interval:
-                for k in sorted(state.blocks):
-                    b = state.blocks.get(k)
-                    if b is not None and b.chunks and now - b.since >= s.roll_interval:
-                        await self._flush_block(state, k, compact=self._complete(state, k))
-            if state.end is not None:
-                await self._check_end(state)
-            elif not state.blocks and now - state.touched > IDLE_FORGET:
+                due = [k for k, b in state.blocks.items()
+                       if b.chunks and now - b.since >= s.roll_interval]
+                if due:
+                    self._schedule_flush(state, sorted(due))
+            if state.ends:
+                self._schedule_end(state)
+            elif not state.blocks and not state.io.locked() and not state.scheduled and \
+                    now - state.touched > IDLE_FORGET:
                 self._recs.pop(state.id, None)
 
     def _update_gauge(self) -> None:

@@ -84,6 +84,7 @@ Metrics: ``mqtt_messages``, ``mqtt_acked_messages``, ``mqtt_invalid_messages``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -471,6 +472,7 @@ class MqttSource(Source):
         self._arrived: asyncio.Event | None = None
         self._room: asyncio.Event | None = None
         self._inflight = 0
+        self._tls: ssl.SSLContext | None = None
         self._m: dict[str, Any] = {}
 
     # -- lifecycle ---------------------------------------------------------------
@@ -508,13 +510,8 @@ class MqttSource(Source):
         else:
             kwargs.update(protocol=aiomqtt.ProtocolVersion.V311,
                           clean_session=not s.persistent_session)
-        if s.tls:
-            kwargs["tls_params"] = aiomqtt.TLSParameters(
-                ca_certs=str(s.ca_file) if s.ca_file else None,
-                certfile=str(s.cert_file) if s.cert_file else None,
-                keyfile=str(s.key_file) if s.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-            kwargs["tls_insecure"] = s.tls_insecure
+        if self._tls is not None:
+            kwargs["tls_context"] = self._tls
         client = aiomqtt.Client(
             s.host, s.port, identifier=self.client_id, username=s.username,
             password=s.password.get() if s.password else None, keepalive=s.keepalive,
@@ -524,9 +521,38 @@ class MqttSource(Source):
         client._client.manual_ack_set(True)
         return client
 
+    def _tls_context(self) -> ssl.SSLContext:
+        s = self.settings
+        ctx = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
+        if s.cert_file:
+            ctx.load_cert_chain(str(s.cert_file), str(s.key_file) if s.key_file else None)
+        ctx.check_hostname = not s.tls_insecure
+        return ctx
+
+    async def _tls_handshake(self, who: str) -> None:
+        """Try the TLS handshake first: paho 2.2 leaks the socket of a failed one, and
+        this gives the clearer error."""
+        s = self.settings
+        try:
+            async with asyncio.timeout(s.connect_timeout):
+                _, writer = await asyncio.open_connection(s.host, s.port, ssl=self._tls)
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionError(f"cannot connect to {self.url}{who} (client id "
+                                  f"{self.client_id!r}): TLS: {exc or 'timed out'}") from None
+
     async def _connect(self) -> aiomqtt.Client:
         s = self.settings
         who = f" as {s.username!r}" if s.username else ""
+        if s.tls:
+            if self._tls is None:
+                try:
+                    self._tls = await asyncio.to_thread(self._tls_context)
+                except (OSError, ssl.SSLError) as exc:
+                    raise ConnectionError(f"{self.url}: TLS files: {exc}") from None
+            await self._tls_handshake(who)
         client = self._client()
         try:
             await client.__aenter__()

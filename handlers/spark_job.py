@@ -250,6 +250,9 @@ def submit_command(s: SparkJobSettings, job_args: list[str], py_files: Path,
         # rather than letting AQE merge them into one task on one core
         "spark.sql.adaptive.coalescePartitions.enabled": "false",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
+        # list up to 1000 lake files on the driver (HDFS listing is cheap) instead of
+        # a Spark job of one task per file
+        "spark.sql.sources.parallelPartitionDiscovery.threshold": "1000",
         "spark.ui.enabled": "true",
         "spark.ui.port": str(s.ui_port),
         "spark.ui.showConsoleProgress": "false",

@@ -177,4 +177,17 @@ def load_model(path: str | os.PathLike[str], version: str | None = None) -> Load
     model = joblib.load(d / MODEL_FILE)
     if not isinstance(model, GaitModel) or model.version != meta.get("version"):
         raise ArtifactError(f"{d}: {MODEL_FILE} does not match {META_FILE}")
+    _single_threaded(model)
     return LoadedModel(model=model, meta=meta, path=d)
+
+
+def _single_threaded(model: GaitModel) -> None:
+    """Predict with one thread per estimator: the server parallelises across
+    requests, and joblib's per-call thread pools cost more than they save on
+    one recording."""
+    for member in model.members:
+        for cc in getattr(member.estimator, "calibrated_classifiers_", []):
+            est = cc.estimator
+            for step in getattr(est, "named_steps", {"_": est}).values():
+                if hasattr(step, "n_jobs"):
+                    step.n_jobs = 1

@@ -117,6 +117,13 @@ _FOOT_FEATURES = (
 )  # fmt: skip
 
 
+_SPECTRAL = (
+    "spec_step_freq", "spec_stride_freq", "spec_entropy", "spec_centroid",
+    "spec_band_0_05", "spec_band_05_3", "spec_band_3_8", "spec_band_8_20",
+    "harmonic_ratio", "spec_peak_sharpness",
+)  # fmt: skip
+
+
 def _feature_names() -> tuple[str, ...]:
     names: list[str] = ["n_strides", "valid_fraction", "bw_newton"]
     # per-window signal statistics (forces / body weight)
@@ -140,11 +147,7 @@ def _feature_names() -> tuple[str, ...]:
         f"sensor{i}_{int(round(p * 100)):03d}" for i in range(1, 9) for p in _SENSOR_POINTS
     ]
     # spectral features of the total force (L + R) and of one foot
-    names += [
-        "spec_step_freq", "spec_stride_freq", "spec_entropy", "spec_centroid",
-        "spec_band_0_05", "spec_band_05_3", "spec_band_3_8", "spec_band_8_20",
-        "harmonic_ratio", "spec_peak_sharpness",
-    ]  # fmt: skip
+    names += list(_SPECTRAL)
     return tuple(names)
 
 
@@ -481,7 +484,7 @@ def window_features(x: np.ndarray, fs: float = FS) -> np.ndarray:
                 feats[f"sensor{i + 1}_{int(round(pt * 100)):03d}"] = float(spm[i, j])
 
     spec = _spectral(total_n / bw, x[:, _L_TOTAL] / bw, fs, feats["stride_mean"])
-    for name, v in zip(FEATURE_NAMES[-10:], spec, strict=True):
+    for name, v in zip(_SPECTRAL, spec, strict=True):
         feats[name] = v
     for i, name in enumerate(FEATURE_NAMES):
         v = feats.get(name, np.nan)

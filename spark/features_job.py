@@ -10,7 +10,8 @@ Run by ``spark-submit`` (the ``spark_job`` handler builds the command)::
 
 The job spec (JSON, inline or a file on HDFS / any Hadoop file system):
 
-``job_id``        ``[A-Za-z0-9_.-]{1,64}``; names the Spark application ``gaitflow-features-<id>``
+``job_id``        ``[A-Za-z0-9_.-]{1,64}`` (the launcher names the application
+                  ``gaitflow-features-<id>``)
 ``inputs``        Parquet files or globs of the raw lake (handlers/README.md §1), e.g.
                   ``<root>/date=*/recording=GaCo01_01/part-*.parquet`` (incremental: every
                   committed segment of each affected recording) or
@@ -21,15 +22,17 @@ The job spec (JSON, inline or a file on HDFS / any Hadoop file system):
 ``window_s``, ``step_s``, ``baseline_rows``   parameters of those functions
 ``recordings``    optional: keep only these recordings
 
-What it does: reads the raw columns with a fixed schema (no inference, so a file of
-another shape fails loudly), drops rows without a recording or a valid ``seq``,
-groups by recording (one shuffle) and, per recording, deduplicates by ``seq`` and
-computes the features with ``groupBy("recording").applyInPandas``; the result
+What it does: reads the raw columns with a fixed schema (no inference: a column of
+another type fails the job, a missing one reads as null and the windows it touches
+are skipped), drops rows without a recording or a valid ``seq``, groups by
+recording (one shuffle) and, per recording, deduplicates by ``seq`` (a replayed
+segment) and computes the features with ``groupBy("recording").applyInPandas``; the
+result
 follows handlers/README.md §4: ``recording, window, window_key, seq_first,
 seq_last`` then one float64 column per feature name.
 
 It talks to its launcher through stdout lines ``@gaitflow {json}``: ``started``
-(application id, UI URL), then ``done`` (recordings, rows, windows, seconds) or
+(application id, UI URL), then ``done`` (recordings and rows read, seconds) or
 ``failed`` (a one-line error; the traceback goes to stderr). Exit status: 0 done,
 1 the job failed, 2 the spec is invalid.
 
@@ -281,10 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     from pyspark.sql import SparkSession
 
     t0 = time.monotonic()
-    app = f"gaitflow-features-{spec.job_id if spec else 'spec'}"
-    spark = SparkSession.builder.appName(app).getOrCreate()
+    spark = SparkSession.builder.getOrCreate()  # named by spark-submit --name
     sc = spark.sparkContext
-    announce("started", app_id=sc.applicationId, ui=sc.uiWebUrl, app_name=app)
+    announce("started", app_id=sc.applicationId, ui=sc.uiWebUrl, app_name=sc.appName)
     try:
         if spec is None:
             spec = spec_from_args(args, lambda url: _read_text(spark, url))

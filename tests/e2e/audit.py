@@ -131,6 +131,11 @@ async def kafka_samples(bootstrap: str, topic: str, timeout: float = 20.0) -> pa
 
 def cassandra_windows(keyspace: str, table: str = "window_features") -> Counter[str]:
     """Windows per recording in the features table (blocking: call in a thread)."""
+    return Counter(rec for rec, _ in cassandra_window_keys(keyspace, table))
+
+
+def cassandra_window_keys(keyspace: str, table: str = "window_features") -> list[tuple[str, int]]:
+    """Every ``(recording, window)`` primary key in the features table (blocking)."""
     from cassandra.cluster import Cluster
     from cassandra.policies import RoundRobinPolicy
 
@@ -138,7 +143,7 @@ def cassandra_windows(keyspace: str, table: str = "window_features") -> Counter[
     try:
         session = cluster.connect()
         rows = session.execute(f'SELECT recording, "window" FROM "{keyspace}"."{table}"')
-        return Counter(r.recording for r in rows)
+        return [(r.recording, r.window) for r in rows]
     finally:
         cluster.shutdown()
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from handlers.mqtt_source import COLUMNS
 from handlers.webhdfs import NotFound, WebHdfs
@@ -464,6 +462,11 @@ async def test_tls_with_the_stack_ca(mosquitto: Service, stack_cfg: StackConfig,
                       password=password, tls_context=ctx)
         await until(lambda: rt.handlers["sink"].row_count == 40, 20, "40 rows over TLS")
     assert rt.report is not None and rt.report.unacked == 0
+    # the broker's certificate is really verified: the system CAs do not know the stack's
+    untrusted = _sink_pipeline(port, topic, f"{client_id}-x", {"MQTT_PASSWORD": password},
+                               username=user, password="${MQTT_PASSWORD}", tls=True)
+    with pytest.raises(StartError, match="certificate verify failed"):
+        await untrusted.run()
 
 
 # -- scale-out ------------------------------------------------------------------------------
@@ -493,14 +496,3 @@ async def test_shared_subscription_splits_the_load(
     assert sorted(a + b) == list(range(2000))            # each message to one member only
     assert 400 <= len(a) <= 1600 and 400 <= len(b) <= 1600, (len(a), len(b))
     assert rt.report is not None and rt.report.unacked == 0
-
-
-def _v5_props() -> Properties:  # kept for readers: how a session expiry is set by hand
-    props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = 0
-    return props
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_env() -> Iterator[None]:
-    yield

@@ -30,6 +30,7 @@ class FakeHdfs:
         self.files: dict[str, bytes] = {}
         self.dirs: set[str] = {"/"}
         self.fail: Counter[str] = Counter()          # op -> failures to inject
+        self.fail_paths: Counter[str] = Counter()    # path substring -> failures to inject
         self.torn_creates = 0                        # creates that write half, then fail
         self.ops: Counter[str] = Counter()
         self.max_visible_dups = 0
@@ -41,8 +42,12 @@ class FakeHdfs:
 
     def _op(self, op: str, path: str) -> None:
         self.ops[op] += 1
-        if self.fail[op]:
-            self.fail[op] -= 1
+        hit = next((p for p, n in self.fail_paths.items() if n and p in path), None)
+        if self.fail[op] or hit:
+            if hit:
+                self.fail_paths[hit] -= 1
+            else:
+                self.fail[op] -= 1
             raise WebHdfsError(op, path, "injected failure", status=503, transient=True)
 
     async def mkdirs(self, path: str) -> bool:
@@ -355,7 +360,7 @@ async def test_a_half_written_temporary_file_is_cleaned_up(fs: FakeHdfs) -> None
 async def test_a_flush_that_keeps_failing_dead_letters_its_batches(fs: FakeHdfs) -> None:
     rt = pipeline(steps("A", range(20), 10) + steps("B", range(20), 20), roll_rows=20,
                   flush_attempts=2, http_retry={"max_attempts": 1, "backoff": 0})
-    fs.fail["CREATE"] = 2          # both attempts of A's flush
+    fs.fail_paths["recording=A/part-"] = 2     # both attempts of A's flush (CREATE in _tmp)
     report = await rt.run()
     assert report.ok and report.unacked == 0
     dl = rt.handlers["dlq"].rows()

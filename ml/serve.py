@@ -1,0 +1,495 @@
+"""The model server: ``python -m ml.serve --model DIR --host H --port P``.
+
+HTTP API (JSON; errors are ``{"error": {"code", "message", "field"?}}`` with a 4xx status):
+
+``POST /v1/predict``
+    Body ``{"recordings": [...]}`` with, per recording, either raw samples
+    ``{"id": "r1", "rows": [[time, L1..L8, R1..R8, L, R], ...]}`` (100 Hz, at least one
+    window: 1000 rows for 10 s windows) or window features
+    ``{"id": "r1", "windows": [{"key": "r1:0", "features": [...]}, ...]}`` with the
+    model's ``feature_names`` in order (``null`` = undefined feature), as
+    ``ml.features.features_frame`` computes them. Answer::
+
+        {"model_version": "...", "results": [{"id": "r1", "probability": 0.91,
+          "label": "parkinson", "n_windows": 23,
+          "windows": [{"key": "r1:0", "start": 0, "probability": 0.88}, ...]}]}
+
+    Feature windows are scored by the model's feature members only (a rocket member
+    needs raw samples); ``GET /v1/models`` says which inputs a model takes.
+``GET /v1/models``
+    The active version, every version in the models directory, feature names.
+``POST /v1/models/{version}/activate``, ``POST /v1/models/reload``
+    Switch the active model without downtime: requests already running finish on
+    the model they started with; new requests use the new one. ``reload`` (or
+    SIGHUP) re-reads the models directory's ``LATEST``.
+``GET /healthz``, ``GET /metrics`` (Prometheus text format).
+
+With a token (``--token`` or ``$GAITFLOW_MODEL_TOKEN``) every ``/v1/`` call needs
+``Authorization: Bearer <token>``; ``/healthz`` and ``/metrics`` stay open.
+
+Feature extraction and prediction run in a process pool (``--workers``), so the
+event loop only parses, validates and answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from . import features as F
+from .artifact import ArtifactError, LoadedModel, list_versions, load_model, resolve_version_dir
+from .prom import Registry
+from .validate import Limits, PredictItem, RequestError, parse_predict
+
+__all__ = ["ENV_TOKEN", "ModelRegistry", "ServeConfig", "create_app", "main", "serve"]
+
+log = logging.getLogger("gaitflow.ml.serve")
+ENV_TOKEN = "GAITFLOW_MODEL_TOKEN"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model_path: Path  # a models directory (with versions) or one version directory
+    token: str | None = None
+    workers: int = 2
+    executor: str = "process"  # "process" | "thread"
+    limits: Limits = field(default_factory=Limits)
+    max_body_bytes: int = 256 * 2**20
+
+
+# ----------------------------------------------------------------------------- worker side
+
+_CACHE: dict[str, Any] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _model_for(path: str) -> Any:
+    """The model at ``path``, loaded once per worker (a few versions kept)."""
+    with _CACHE_LOCK:
+        m = _CACHE.get(path)
+        if m is None:
+            m = load_model(path).model
+            if len(_CACHE) >= 4:
+                _CACHE.pop(next(iter(_CACHE)))
+            _CACHE[path] = m
+        return m
+
+
+def _warm(path: str) -> str:
+    return _model_for(path).version
+
+
+def _predict_chunk(path: str, items: list[PredictItem]) -> list[dict[str, Any]]:
+    """Score a chunk of recordings with the model at ``path`` (runs in a worker)."""
+    model = _model_for(path)
+    step_rows = int(round(model.step_s * model.fs))
+    out = []
+    for it in items:
+        if it.kind == "rows":
+            pred = model.predict_rows(it.data)
+            windows = [
+                {"key": f"{it.id}:{int(s) // step_rows}", "start": int(s), "probability": float(p)}
+                for s, p in zip(pred.window_starts, pred.window_probabilities, strict=True)
+            ]
+        else:
+            pred = model.predict_windows(it.data)
+            windows = [
+                {"key": k, "probability": float(p)}
+                for k, p in zip(it.keys, pred.window_probabilities, strict=True)
+            ]
+        out.append({
+            "id": it.id, "probability": float(pred.probability), "label": pred.label,
+            "n_windows": len(windows), "windows": windows,
+        })  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+class ModelRegistry:
+    """The loaded model versions and the active one.
+
+    ``active`` is replaced atomically; a request reads it once and keeps that
+    model for its whole life, which is what lets a switch happen under load.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        vdir = resolve_version_dir(self.path)
+        # A version directory's siblings are the other versions.
+        self.root = vdir.parent if vdir == self.path else self.path
+        self._initial = vdir
+        self._active: LoadedModel | None = None
+        self._lock = asyncio.Lock()
+        self.switches = 0
+
+    @property
+    def active(self) -> LoadedModel:
+        if self._active is None:
+            raise RuntimeError("model registry not started")
+        return self._active
+
+    async def start(self) -> None:
+        self._active = await asyncio.to_thread(load_model, self._initial)
+
+    def versions(self) -> list[str]:
+        return list_versions(self.root)
+
+    async def activate(self, version: str, warm: Callable[[LoadedModel], Awaitable[None]]) -> tuple[str, str]:
+        """Load (and check) ``version``, warm the workers, then switch to it."""
+        async with self._lock:
+            try:
+                loaded = await asyncio.to_thread(load_model, self.root, version)
+            except ArtifactError as exc:
+                status = 404 if "no model version" in str(exc) else 409
+                raise RequestError(status, "unknown_version" if status == 404 else
+                                   "incompatible_model", str(exc), "version") from exc  # fmt: skip
+            await warm(loaded)
+            previous = self.active.version
+            self._active = loaded
+            if previous != loaded.version:
+                self.switches += 1
+            log.info("active model %s (was %s)", loaded.version, previous)
+            return loaded.version, previous
+
+    async def reload(self, warm: Callable[[LoadedModel], Awaitable[None]]) -> tuple[str, bool]:
+        vdir = await asyncio.to_thread(resolve_version_dir, self.root)
+        if vdir.name == self.active.version:
+            return vdir.name, False
+        version, _ = await self.activate(vdir.name, warm)
+        return version, True
+
+
+# ----------------------------------------------------------------------------- app
+
+CONFIG = web.AppKey("config", ServeConfig)
+METRICS = web.AppKey("metrics", Registry)
+MODELS = web.AppKey("models", ModelRegistry)
+EXECUTOR = web.AppKey("executor", Executor)
+STATE = web.AppKey("state", dict)
+
+
+def _json_error(status: int, code: str, message: str, where: str | None = None,
+                headers: dict[str, str] | None = None) -> web.Response:  # fmt: skip
+    body = RequestError(status, code, message, where).body()
+    return web.json_response(body, status=status, headers=headers)
+
+
+_HTTP_CODES = {
+    404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type",
+}  # fmt: skip
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Every error as JSON, and request counting/latency."""
+    metrics = request.app[METRICS]
+    route = request.match_info.route.resource
+    endpoint = route.canonical if route is not None else "unmatched"
+    t0 = time.perf_counter()
+    try:
+        resp = await handler(request)
+    except RequestError as exc:
+        headers = {"WWW-Authenticate": 'Bearer realm="gaitflow"'} if exc.status == 401 else None
+        resp = web.json_response(exc.body(), status=exc.status, headers=headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        resp = _json_error(exc.status, code, exc.reason if exc.status != 413 else
+                           f"request body over {request.app[CONFIG].max_body_bytes} bytes")  # fmt: skip
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        resp = _json_error(500, "internal_error", "internal error (see the server log)")
+    metrics.inc("http_requests_total", "HTTP requests by endpoint and status",
+                labels={"endpoint": endpoint, "status": str(resp.status)})  # fmt: skip
+    metrics.observe("http_request_seconds", "HTTP request latency",
+                    time.perf_counter() - t0, labels={"endpoint": endpoint})  # fmt: skip
+    return resp
+
+
+def _auth_middleware(token: str | None) -> Any:
+    expected = f"Bearer {token}".encode() if token else None
+
+    @web.middleware
+    async def _auth(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        if expected is not None and request.path.startswith("/v1/"):
+            got = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(got, expected):
+                raise RequestError(401, "unauthorized", "missing or wrong bearer token")
+        return await handler(request)
+
+    return _auth
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    """Startup/cleanup: the worker pool and the model registry (reverse-order cleanup)."""
+    cfg = app[CONFIG]
+    if cfg.executor == "process":
+        ex: Executor = ProcessPoolExecutor(
+            max_workers=cfg.workers, mp_context=multiprocessing.get_context("spawn")
+        )
+    else:
+        ex = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="gaitflow-model")
+    app[EXECUTOR] = ex
+    try:
+        reg = ModelRegistry(cfg.model_path)
+        await reg.start()
+        app[MODELS] = reg
+        await _warm_workers(app, reg.active)
+        _publish_model(app)
+        yield
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+async def _warm_workers(app: web.Application, loaded: LoadedModel) -> None:
+    loop = asyncio.get_running_loop()
+    n = app[CONFIG].workers
+    await asyncio.gather(*[loop.run_in_executor(app[EXECUTOR], _warm, str(loaded.path)) for _ in range(n)])
+
+
+def _publish_model(app: web.Application) -> None:
+    m = app[METRICS]
+    m.clear("model_info")
+    m.set("model_info", "the active model version", 1.0,
+          labels={"version": app[MODELS].active.version})  # fmt: skip
+    m.set("model_switches", "model switches since start", float(app[MODELS].switches))
+
+
+async def predict(request: web.Request) -> web.Response:
+    app = request.app
+    loaded = app[MODELS].active  # this request's model, whatever happens meanwhile
+    model = loaded.model
+    state = app[STATE]
+    state["inflight"] += 1
+    app[METRICS].set("inflight_requests", "predict requests in progress", state["inflight"])
+    try:
+        raw = await request.read()
+        if not raw:
+            raise RequestError(400, "invalid_json", "empty body; expected a JSON object")
+        limits = replace(app[CONFIG].limits, min_rows=model.window_rows)
+        items = await asyncio.to_thread(
+            _decode_and_validate, raw, len(F.COLUMNS), len(model.feature_names), limits
+        )
+        if any(it.kind == "windows" for it in items) and not model.feature_members:
+            raise RequestError(422, "windows_not_supported",
+                               f"model {model.version} needs raw rows", "recordings")  # fmt: skip
+        loop = asyncio.get_running_loop()
+        chunks = _chunks(items, app[CONFIG].workers)
+        parts = await asyncio.gather(*[
+            loop.run_in_executor(app[EXECUTOR], _predict_chunk, str(loaded.path), c) for c in chunks
+        ])  # fmt: skip
+        results = [r for part in parts for r in part]
+        app[METRICS].inc("predictions_total", "recordings scored", len(results),
+                         labels={"version": model.version})  # fmt: skip
+        return web.json_response({"model_version": model.version, "results": results})
+    finally:
+        state["inflight"] -= 1
+        app[METRICS].set("inflight_requests", "predict requests in progress", state["inflight"])
+
+
+def _decode_and_validate(raw: bytes, n_columns: int, n_features: int,
+                         limits: Limits) -> list[PredictItem]:  # fmt: skip
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(400, "invalid_json", f"body is not valid JSON: {exc}") from exc
+    return parse_predict(body, n_columns, n_features, limits)
+
+
+def _chunks(items: list[PredictItem], n: int) -> list[list[PredictItem]]:
+    """Split into at most ``n`` chunks of similar total size (rows or windows)."""
+    n = max(1, min(n, len(items)))
+    sizes = [it.data.shape[0] for it in items]
+    order = sorted(range(len(items)), key=lambda i: -sizes[i])
+    bins: list[list[int]] = [[] for _ in range(n)]
+    load = [0] * n
+    for i in order:
+        b = load.index(min(load))
+        bins[b].append(i)
+        load[b] += sizes[i]
+    return [[items[i] for i in sorted(b)] for b in bins if b]
+
+
+def _model_summary(meta: dict[str, Any], active: str) -> dict[str, Any]:
+    overall = next((r for r in meta.get("evaluation", {}).get("metrics", [])
+                    if r.get("slice") == "overall"), {})  # fmt: skip
+    return {
+        "version": meta.get("version"),
+        "active": meta.get("version") == active,
+        "candidate": meta.get("candidate"),
+        "created": meta.get("created"),
+        "threshold": meta.get("threshold"),
+        "cv_auc": overall.get("auc"),
+        "cv_balanced_accuracy": overall.get("balanced_accuracy"),
+        "feature_windows_supported": meta.get("inputs", {}).get("feature_windows_supported"),
+    }
+
+
+async def models(request: web.Request) -> web.Response:
+    reg = request.app[MODELS]
+    active = reg.active
+
+    def read_all() -> list[dict[str, Any]]:
+        out = []
+        for v in reg.versions():
+            try:
+                meta = json.loads((reg.root / v / "model.json").read_text())
+            except (OSError, ValueError):
+                continue
+            out.append(_model_summary(meta, active.version))
+        return out
+
+    versions = await asyncio.to_thread(read_all)
+    return web.json_response({
+        "active": active.version,
+        "versions": versions,
+        "feature_names": list(active.model.feature_names),
+        "columns": list(F.COLUMNS),
+        "window": {"window_s": active.model.window_s, "step_s": active.model.step_s,
+                   "fs": active.model.fs},
+        "threshold": active.model.threshold,
+        "feature_windows_supported": bool(active.model.feature_members),
+    })  # fmt: skip
+
+
+async def activate(request: web.Request) -> web.Response:
+    app = request.app
+    version = request.match_info["version"]
+    new, old = await app[MODELS].activate(version, lambda m: _warm_workers(app, m))
+    _publish_model(app)
+    return web.json_response({"active": new, "previous": old})
+
+
+async def reload(request: web.Request) -> web.Response:
+    app = request.app
+    version, changed = await app[MODELS].reload(lambda m: _warm_workers(app, m))
+    _publish_model(app)
+    return web.json_response({"active": version, "changed": changed})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "model_version": request.app[MODELS].active.version})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=request.app[METRICS].render().encode(),
+        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    )
+
+
+def create_app(config: ServeConfig) -> web.Application:
+    """Build the application; nothing is loaded until it starts (``cleanup_ctx``)."""
+    app = web.Application(
+        middlewares=[_errors, _auth_middleware(config.token)], client_max_size=config.max_body_bytes
+    )
+    app[CONFIG] = config
+    app[METRICS] = Registry("gaitflow_model")
+    app[STATE] = {"inflight": 0}
+    app.cleanup_ctx.append(_resources)
+    app.router.add_post("/v1/predict", predict)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/models/reload", reload)
+    app.router.add_post("/v1/models/{version}/activate", activate)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+# ----------------------------------------------------------------------------- running
+
+
+async def serve(config: ServeConfig, host: str, port: int,
+                stop: asyncio.Event | None = None) -> None:  # fmt: skip
+    """Listen on ``host:port`` until ``stop`` is set (or SIGINT/SIGTERM); SIGHUP reloads."""
+    app = create_app(config)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+
+    def on_hup() -> None:
+        loop.create_task(_reload_logged(app))
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+    except (NotImplementedError, RuntimeError, AttributeError):
+        pass
+    active = app[MODELS].active
+    log.info("serving model %s on http://%s:%d", active.version, host, port)
+    print(f"gaitflow model server: model {active.version} on http://{host}:{port}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+async def _reload_logged(app: web.Application) -> None:
+    try:
+        version, changed = await app[MODELS].reload(lambda m: _warm_workers(app, m))
+        _publish_model(app)
+        log.info("reload: active %s (changed=%s)", version, changed)
+    except Exception:
+        log.exception("reload failed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ml.serve", description="gaitflow model server")
+    ap.add_argument("--model", default="artifacts/model",
+                    help="models directory (versions + LATEST) or one version directory")  # fmt: skip
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--token", default=None, help=f"bearer token (default ${ENV_TOKEN})")
+    ap.add_argument("--workers", type=int, default=2, help="prediction worker processes")
+    ap.add_argument("--threads", action="store_true", help="use threads instead of processes")
+    ap.add_argument("--max-batch", type=int, default=Limits.max_recordings)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    config = ServeConfig(
+        model_path=Path(args.model),
+        token=args.token or os.environ.get(ENV_TOKEN) or None,
+        workers=max(1, args.workers),
+        executor="thread" if args.threads else "process",
+        limits=Limits(max_recordings=args.max_batch),
+    )
+    try:
+        resolve_version_dir(config.model_path)
+    except ArtifactError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(config, args.host, args.port))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
