@@ -81,6 +81,25 @@ class Elasticsearch(Service):
     name = "elasticsearch"
 
     @property
+    def state(self) -> Path:
+        """The state dir; relocated when the unprivileged node user could not reach it.
+
+        Elasticsearch refuses to run as root, so as root the node runs as a system
+        user that must traverse every parent of its files. A checkout under a
+        private home (``/root/...``, mode 700) cannot be traversed: then the node's
+        files live under ``/var/lib/gaitflow-stack/<hash of the state dir>/``.
+        """
+        base = super().state
+        if os.geteuid() != 0 or _world_traversable(base):
+            return base
+        digest = hashlib.sha256(str(base).encode()).hexdigest()[:12]
+        alt = RELOCATED / digest / self.name
+        alt.mkdir(parents=True, exist_ok=True)
+        for p in (RELOCATED, RELOCATED / digest, alt):
+            p.chmod(0o755)
+        return alt
+
+    @property
     def home(self) -> Path:
         return self.state / f"elasticsearch-{VERSION}"
 
@@ -197,6 +216,14 @@ class Elasticsearch(Service):
                                       retry_on_timeout=False, max_retries=0) as es:
             health = await es.cluster.health(wait_for_status="yellow", timeout="2s")
             return health["status"] in ("green", "yellow")
+
+
+RELOCATED = Path("/var/lib/gaitflow-stack")
+
+
+def _world_traversable(path: Path) -> bool:
+    """True when every directory from / down to ``path`` has the o+x bit."""
+    return all(os.stat(p).st_mode & 0o001 for p in [path, *path.parents])
 
 
 def _listening(port: int) -> bool:
