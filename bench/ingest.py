@@ -2,6 +2,7 @@
 
     python bench/ingest.py                        # 1-row and 100-row messages, ~2 min
     python bench/ingest.py --samples 40000 --recordings 16 --no-kafka
+    python bench/ingest.py --scenarios ceiling1,pipeline1
 
 Needs Mosquitto, HDFS and Kafka of the local stack (``python -m stack up``) and
 GAITPDB_DIR. Every figure comes from the same run, on the same messages:
@@ -280,7 +281,7 @@ async def pipeline(args: argparse.Namespace, fmt: str, label: str) -> Result:
     handlers: dict[str, Any] = {
         "mqtt": {"type": "mqtt_source", "host": args.host, "port": args.port,
                  "topics": [f"bench/{run}/+"], "client_id": client_id, "session_expiry": 600,
-                 "max_inflight": args.inflight, "batch_rows": 2000, "linger_ms": 5,
+                 "max_inflight": args.inflight, "batch_rows": 2000, "linger_ms": 20,
                  "outputs": {"default": targets, "events": ["lake"]}},
         "lake": {"type": "lake_sink", "url": args.webhdfs, "root": root, "roll_rows": 10_000,
                  "roll_interval": 1.0, "end_timeout": 5.0},
@@ -406,14 +407,21 @@ async def bench(args: argparse.Namespace) -> None:
                                                   args.tutorial_messages, "t/{recording}"))
                        for fmt in ("sample", "batch")}
     results: list[Result] = []
-    plan: list[tuple[str, Callable[..., Any], tuple[Any, ...]]] = [
-        ("ceiling: bare aiomqtt subscriber, 1-row", ceiling, ("sample",)),
-        ("pipeline: MQTT → lake + Kafka, 1-row", pipeline, ("sample",)),
-        ("ceiling: bare aiomqtt subscriber, 100-row", ceiling, ("batch",)),
-        ("pipeline: MQTT → lake + Kafka, 100-row", pipeline, ("batch",)),
-        (f"tutorial: CSV + whole-file upload, {args.tutorial_messages} msgs", tutorial, ()),
+    plan: list[tuple[str, str, Callable[..., Any], tuple[Any, ...]]] = [
+        ("ceiling1", "ceiling: bare aiomqtt subscriber, 1-row", ceiling, ("sample",)),
+        ("pipeline1", "pipeline: MQTT → lake + Kafka, 1-row", pipeline, ("sample",)),
+        ("ceiling100", "ceiling: bare aiomqtt subscriber, 100-row", ceiling, ("batch",)),
+        ("pipeline100", "pipeline: MQTT → lake + Kafka, 100-row", pipeline, ("batch",)),
+        ("tutorial", f"tutorial: CSV + whole-file upload, {args.tutorial_messages} msgs",
+         tutorial, ()),
     ]
-    for label, fn, extra in plan:
+    wanted = set(args.scenarios.split(","))
+    unknown = wanted - {key for key, *_ in plan}
+    if unknown:
+        raise SystemExit(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    for key, label, fn, extra in plan:
+        if key not in wanted:
+            continue
         if args.no_kafka:
             label = label.replace(" + Kafka", "")
         print(label, file=sys.stderr)
@@ -442,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tutorial-messages", type=int, default=300)
     ap.add_argument("--inflight", type=int, default=20_000, help="mqtt_source max_inflight")
     ap.add_argument("--timeout", type=float, default=240, help="seconds per scenario at most")
+    ap.add_argument("--scenarios", default="ceiling1,pipeline1,ceiling100,pipeline100,tutorial",
+                    help="which to run (default: all), comma-separated")
     ap.add_argument("--publisher", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--fmt", default="sample", help=argparse.SUPPRESS)
     ap.add_argument("--topic", default="bench/{recording}", help=argparse.SUPPRESS)

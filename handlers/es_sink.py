@@ -59,7 +59,6 @@ Behaviour and guarantees
     * **Timestamps** are sent as ISO-8601 (UTC offset included for zoned Arrow
       timestamps; naive ones are read as UTC by Elasticsearch).
 """
-# ruff: noqa: RUF009 - pipeline.setting() returns a dataclasses.field, ruff cannot tell
 from __future__ import annotations
 
 import asyncio

@@ -22,7 +22,9 @@ Rolling (when buffered rows become a file)
     * rows: a block is complete (``roll_rows`` distinct samples, counting those already
       in the lake) → all its files and buffered rows become the one file of the block;
     * time: rows buffered longer than ``roll_interval`` seconds are flushed as a
-      partial file (needed with MQTT: the source's acknowledgement window is finite);
+      partial file. Needed behind mqtt_source: its acknowledgement window is finite,
+      and with ``roll_interval = 0`` a window smaller than the rows of the blocks in
+      progress would never be acknowledged (the flow would stop);
     * bytes: a recording buffering ``roll_bytes`` is flushed the same way; while all
       buffers together exceed ``max_buffer_bytes`` the biggest is flushed and
       ``write`` waits (backpressure).
@@ -133,7 +135,7 @@ class LakeSinkSettings:
     root: str = setting("/gaitflow/raw", doc="lake directory (absolute HDFS path)")
     roll_rows: int = setting(10_000, doc="samples per block: file boundaries are multiples of "
                                          "this in seq", min=1)
-    roll_interval: float = setting(5.0, doc="flush rows buffered longer than this many "
+    roll_interval: float = setting(2.0, doc="flush rows buffered longer than this many "
                                             "seconds as a partial file (0 = never)", min=0)
     roll_bytes: int = setting(64 << 20, doc="flush a recording buffering this many bytes",
                               min=1024)
@@ -412,27 +414,37 @@ class LakeSink(Sink):
             raise Reject(f"column 'seq' must be an integer, not {table.schema.field('seq').type}")
         if table.num_rows == 0:
             return
-        table = await self._refuse_bad_rows(batch, table)
-        if table.num_rows == 0:
-            return
         recs = pc.dictionary_encode(table.column("recording").combine_chunks())
-        codes = recs.indices.to_numpy(zero_copy_only=False)
+        codes = recs.indices.fill_null(-1).to_numpy(zero_copy_only=False)
         ids = recs.dictionary.to_pylist()
-        states = [await self._recording(rec) for rec in ids]   # all opened before buffering
+        bad = self._bad_rows(table, codes, ids)
+        if bad is not None:
+            await self.dead_letter(batch, reason=bad[1], rows=np.flatnonzero(bad[0]).tolist())
+            keep = ~bad[0]
+            table, codes = table.filter(pa.array(keep)), codes[keep]
+            if table.num_rows == 0:
+                return
+        states = [await self._recording(rec) if rec is not None and _safe_id(rec) else None
+                  for rec in ids]                       # all opened before buffering
         seqs = table.column("seq").to_numpy().astype(np.int64, copy=False)
-        order = np.lexsort((seqs, codes))
-        codes, seqs = codes[order], seqs[order]
-        table = table.take(pa.array(order))
+        if len(ids) > 1 or (len(seqs) > 1 and (np.diff(seqs) < 0).any()):
+            order = np.lexsort((seqs, codes))
+            codes, seqs = codes[order], seqs[order]
+            table = table.take(pa.array(order))
         blocks = seqs // s.roll_rows
-        cut = np.flatnonzero((np.diff(codes) != 0) | (np.diff(blocks) != 0)) + 1
-        starts, ends = np.r_[0, cut], np.r_[cut, len(seqs)]
+        if blocks[0] == blocks[-1] and codes[0] == codes[-1]:
+            starts, ends = [0], [len(seqs)]            # the usual case: one recording, block
+        else:
+            cut = np.flatnonzero((np.diff(codes) != 0) | (np.diff(blocks) != 0)) + 1
+            starts, ends = np.r_[0, cut].tolist(), np.r_[cut, len(seqs)].tolist()
         row_bytes = max(1, table.nbytes // max(1, table.num_rows))
         pending = _Pending(self.defer(batch))
         touched: dict[str, _Recording] = {}
         now = time.monotonic()
         # no await from here on: the buffers change atomically for the jobs
-        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+        for a, b in zip(starts, ends, strict=True):
             state = states[codes[a]]
+            assert state is not None
             k = int(blocks[a])
             block = state.blocks.get(k)
             if block is None:
@@ -451,30 +463,30 @@ class LakeSink(Sink):
             if state.ends:
                 self._schedule_end(state)
 
-    async def _refuse_bad_rows(self, batch: Batch, table: pa.Table) -> pa.Table:
-        """Dead-letter rows that cannot be stored (null or unsafe id, null/negative seq)."""
-        rec, seq = table.column("recording"), table.column("seq")
+    @staticmethod
+    def _bad_rows(table: pa.Table, codes: np.ndarray,
+                  ids: list[str | None]) -> tuple[np.ndarray, str] | None:
+        """Rows that cannot be stored (null or unsafe id, null or negative seq), and why."""
+        seq = table.column("seq")
+        unsafe = [i for i, rec in enumerate(ids) if rec is None or not _safe_id(rec)]
+        nulls = table.column("recording").null_count + seq.null_count
+        negative = pc.min(seq).as_py()
+        if not unsafe and not nulls and (negative is None or negative >= 0):
+            return None
         bad = np.zeros(table.num_rows, dtype=bool)
         reasons = []
-        if rec.null_count or seq.null_count:
-            nulls = np.asarray(pc.or_(pc.is_null(rec), pc.is_null(seq)), dtype=bool)
-            bad |= nulls
+        if nulls:
+            bad |= np.asarray(pc.or_(pc.is_null(table.column("recording")), pc.is_null(seq)),
+                              dtype=bool)
             reasons.append("null recording or seq")
         seq_np = np.asarray(pc.fill_null(seq, 0).to_numpy(zero_copy_only=False))
         if (seq_np < 0).any():
             bad |= seq_np < 0
             reasons.append("negative seq")
-        unsafe = [v for v in pc.unique(rec).to_pylist()
-                  if v is not None and (not _ID.fullmatch(v) or ".." in v)]
-        if unsafe:
-            bad |= np.asarray(pc.is_in(rec, pa.array(unsafe, pa.string())).fill_null(False),
-                              dtype=bool)
+        if any(ids[i] is not None for i in unsafe):
+            bad |= np.isin(codes, [i for i in unsafe if ids[i] is not None])
             reasons.append("unsafe recording id (expected [A-Za-z0-9_.-]{1,64}, no '..')")
-        if not bad.any():
-            return table
-        await self.dead_letter(batch, reason="; ".join(reasons),
-                               rows=np.flatnonzero(bad).tolist())
-        return table.filter(pa.array(~bad))
+        return bad, "; ".join(reasons)
 
     async def _end_event(self, batch: Batch) -> None:
         table = batch.to_table()
@@ -483,7 +495,7 @@ class LakeSink(Sink):
         ends = []
         for row in table.select(["recording", "rows_total"]).to_pylist():
             rec, total = row["recording"], row["rows_total"]
-            if not isinstance(rec, str) or not _ID.fullmatch(rec) or ".." in rec or \
+            if not isinstance(rec, str) or not _safe_id(rec) or \
                     not isinstance(total, int) or total < 0:
                 self.log.warning("lake.bad_end_event", recording=rec, rows_total=total)
                 continue
@@ -821,6 +833,10 @@ class LakeSink(Sink):
 
 
 # --------------------------------------------------------------------------- helpers
+def _safe_id(rec: str) -> bool:
+    return bool(_ID.fullmatch(rec)) and ".." not in rec
+
+
 def _dedup(tables: list[pa.Table]) -> pa.Table:
     """Concatenate, keep the last row of each seq, sort by seq."""
     tables = [t for t in tables if t.num_rows]

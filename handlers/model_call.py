@@ -58,7 +58,6 @@ Behaviour and guarantees
     * NaN features are sent as JSON ``null``; rows with a null ``recording`` are
       dead-lettered; a batch missing feature columns is rejected whole.
 """
-# ruff: noqa: RUF009 - pipeline.setting() returns a dataclasses.field, ruff cannot tell
 from __future__ import annotations
 
 import asyncio

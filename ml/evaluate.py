@@ -7,6 +7,7 @@ each fold sees every study's controls and patients.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -36,14 +37,24 @@ def subject_folds(meta: pd.DataFrame, n_splits: int = 5, seed: int = 0,
     """
     idx = np.arange(len(meta)) if index is None else np.asarray(index)
     sub = meta.iloc[idx]
-    strata = (sub["study"].astype(str) + sub["label"].astype(str)).to_numpy()
+    labels = sub["label"].to_numpy()
     groups = sub["subject"].to_numpy()
     n_groups = len(set(groups))
     if n_groups < n_splits:
         raise ValueError(f"{n_groups} subjects cannot make {n_splits} subject-wise folds")
-    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    # study x group strata; with very few subjects that can leave a training side
+    # with one class, then fall back to the group alone
+    for strata in ((sub["study"].astype(str) + sub["label"].astype(str)).to_numpy(), labels):
+        cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "least populated class" on tiny sets
+            splits = list(cv.split(np.zeros(len(idx)), strata, groups))
+        if all(len(set(labels[tr])) == 2 for tr, _ in splits):
+            break
+    else:
+        raise ValueError(f"too few subjects of each group for {n_splits} subject-wise folds")
     folds = []
-    for tr, te in cv.split(np.zeros(len(idx)), strata, groups):
+    for tr, te in splits:
         tr_i, te_i = idx[tr], idx[te]
         check_disjoint(meta, tr_i, te_i)
         folds.append((tr_i, te_i))

@@ -46,6 +46,7 @@ __all__ = [
     "COLUMNS",
     "DEFAULT_STEP_S",
     "DEFAULT_WINDOW_S",
+    "FEATURE_GROUPS",
     "FEATURE_NAMES",
     "FEATURES_VERSION",
     "FS",
@@ -154,6 +155,31 @@ def _feature_names() -> tuple[str, ...]:
 #: Feature column names, in the order :func:`window_features` returns them.
 FEATURE_NAMES: tuple[str, ...] = _feature_names()
 _NF = len(FEATURE_NAMES)
+
+_FORCE = {"bw_newton", "peak1", "peak2", "valley", "valley_ratio", "peak_cv", "loading_rate",
+          "unloading_rate", "impulse"}  # fmt: skip
+
+
+def feature_group(name: str) -> str:
+    """The family a feature belongs to: ``moments``, ``sensor_share``, ``sensor_std``,
+    ``asymmetry``, ``force_profile``, ``cop_profile_y``, ``cop_profile_x``,
+    ``sensor_profile``, ``spectral``, ``cop``, ``force`` or ``timing`` (stride, stance,
+    swing, step, double support, cadence, phase coordination, their variability)."""
+    prefixes = (
+        (("L_", "R_"), "moments"), (("share_",), "sensor_share"), (("nstd_",), "sensor_std"),
+        (("asym_",), "asymmetry"), (("profile_",), "force_profile"),
+        (("cop_y_profile",), "cop_profile_y"), (("cop_x_profile",), "cop_profile_x"),
+        (("sensor",), "sensor_profile"), (("spec_", "harmonic_ratio"), "spectral"),
+        (("cop_",), "cop"),
+    )  # fmt: skip
+    for pre, group in prefixes:
+        if name.startswith(pre):
+            return group
+    return "force" if name in _FORCE else "timing"
+
+
+#: Feature name -> family (see :func:`feature_group`).
+FEATURE_GROUPS: dict[str, str] = {n: feature_group(n) for n in FEATURE_NAMES}
 
 
 # ----------------------------------------------------------------------------- primitives

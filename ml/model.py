@@ -22,7 +22,6 @@ Parkinson's, which is the rule that maximises balanced accuracy.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -42,43 +41,73 @@ from .rocket import MiniRocket
 __all__ = [
     "CANDIDATES",
     "DEFAULT_CANDIDATES",
+    "FEATURE_SETS",
     "MEMBERS",
+    "MemberSpec",
     "QUANTILES",
     "GaitModel",
     "Member",
     "Prediction",
     "aggregate",
     "aggregate_each",
+    "feature_columns",
     "make_estimator",
 ]
 
 #: Percentiles of each window feature that summarise a recording.
 QUANTILES = (10.0, 50.0, 90.0)
-#: Base members: name -> kind ("features" or "rocket").
-MEMBERS = {
-    "logreg": "features",
-    "svm": "features",
-    "extra_trees": "features",
-    "hist_gb": "features",
-    "rocket_logreg": "rocket",
+#: Families of features (``ml.features.feature_group``) in the "core" set: how the
+#: load rolls over each sensor during stance, gait timing and its variability,
+#: left/right asymmetry, the stance force profile and the centre-of-pressure path.
+CORE_GROUPS = ("timing", "asymmetry", "force_profile", "cop_profile_y", "sensor_profile")
+FEATURE_SETS: dict[str, tuple[str, ...]] = {
+    "all": F.FEATURE_NAMES,
+    "core": tuple(n for n in F.FEATURE_NAMES if F.FEATURE_GROUPS[n] in CORE_GROUPS),
+}
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    kind: str  # "features" (aggregated window features) | "rocket" (sensor series)
+    estimator: str  # a make_estimator() name
+    feature_set: str = "all"  # FEATURE_SETS key, for "features" members
+
+
+#: Base members.
+MEMBERS: dict[str, MemberSpec] = {
+    "logreg": MemberSpec("features", "logreg"),
+    "svm": MemberSpec("features", "svm"),
+    "extra_trees": MemberSpec("features", "extra_trees"),
+    "hist_gb": MemberSpec("features", "hist_gb"),
+    "logreg_core": MemberSpec("features", "logreg", "core"),
+    "svm_core": MemberSpec("features", "svm", "core"),
+    "rocket_logreg": MemberSpec("rocket", "rocket_logreg"),
 }
 #: Candidate models compared by (nested) cross-validation: name -> members.
 CANDIDATES: dict[str, tuple[str, ...]] = {
-    "logreg": ("logreg",),
-    "svm": ("svm",),
-    "extra_trees": ("extra_trees",),
-    "hist_gb": ("hist_gb",),
-    "rocket_logreg": ("rocket_logreg",),
+    **{m: (m,) for m in MEMBERS},
     # Extra trees add nothing to these ensembles in our runs and cost ~1 s of CPU
     # per scored recording (1600 trees), so the ensembles leave them out.
     "ensemble_features": ("logreg", "svm"),
-    "ensemble_all": ("logreg", "svm", "rocket_logreg"),
+    "ensemble_core": ("logreg_core", "svm_core"),
+    "ensemble_all": ("logreg_core", "svm_core", "rocket_logreg"),
 }
 #: What ``python -m ml.train`` compares unless told otherwise (gradient boosting was
 #: no better than extra trees in our runs and the slowest to fit).
 DEFAULT_CANDIDATES = (
-    "logreg", "svm", "extra_trees", "rocket_logreg", "ensemble_features", "ensemble_all",
+    "logreg", "svm", "extra_trees", "logreg_core", "svm_core", "rocket_logreg",
+    "ensemble_features", "ensemble_core", "ensemble_all",
 )  # fmt: skip
+
+
+def feature_columns(feature_set: str) -> np.ndarray:
+    """Columns of an :func:`aggregate` vector that belong to ``feature_set``."""
+    names = set(FEATURE_SETS[feature_set])
+    idx = np.array([j for j, n in enumerate(F.FEATURE_NAMES) if n in names], dtype=np.int64)
+    nf = len(F.FEATURE_NAMES)
+    return np.concatenate([q * nf + idx for q in range(len(QUANTILES))])
+
+
 ROCKET_FEATURES = 1998
 
 
@@ -104,7 +133,7 @@ def make_estimator(name: str, seed: int = 0) -> Pipeline | HistGradientBoostingC
     if name == "rocket_logreg":
         lr = LogisticRegression(C=0.01, class_weight="balanced", max_iter=5000)
         return make_pipeline(StandardScaler(), lr)
-    raise KeyError(f"unknown model member {name!r}; known: {sorted(MEMBERS)}")
+    raise KeyError(f"unknown estimator {name!r}")
 
 
 def make_rocket(seed: int = 0) -> MiniRocket:
@@ -120,10 +149,23 @@ def aggregate(window_feats: np.ndarray) -> np.ndarray:
     x = np.asarray(window_feats, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"expected (k >= 1, n_features) window features, got {x.shape}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
-        q = np.nanpercentile(x, QUANTILES, axis=0)
-    return q.reshape(-1)
+    return _nanquantiles(x, np.asarray(QUANTILES) / 100.0).reshape(-1)
+
+
+def _nanquantiles(x: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Column quantiles ignoring NaN (linear interpolation, as ``np.nanquantile``),
+    vectorised: ``np.nanpercentile`` loops over columns in Python."""
+    s = np.sort(x, axis=0)  # NaN sort last
+    n = np.isfinite(x).sum(axis=0)
+    pos = q[:, None] * np.maximum(n - 1, 0)[None, :]  # (len(q), n_features)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, np.maximum(n - 1, 0)[None, :])
+    frac = pos - lo
+    vlo = np.take_along_axis(s, lo, axis=0)
+    vhi = np.take_along_axis(s, hi, axis=0)
+    out = vlo + (vhi - vlo) * frac
+    out[:, n == 0] = np.nan
+    return out
 
 
 def aggregate_each(window_feats: np.ndarray) -> np.ndarray:
@@ -145,9 +187,13 @@ class Member:
     kind: str  # "features" | "rocket"
     estimator: CalibratedClassifierCV
     rocket: MiniRocket | None = None
+    columns: np.ndarray | None = None  # columns of the aggregated vector it reads
 
     def proba(self, x: np.ndarray) -> np.ndarray:
-        """P(parkinson) for rows of this member's recording-level input."""
+        """P(parkinson) for rows of recording-level input (all aggregated columns,
+        or rocket features); the member picks its own columns."""
+        if self.columns is not None:
+            x = x[:, self.columns]
         return self.estimator.predict_proba(x)[:, 1]
 
 

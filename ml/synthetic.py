@@ -79,8 +79,12 @@ def synthetic_recording(stride_s: float = 1.1, seconds: float = 60.0, *,
 
 
 def _format(rec: np.ndarray) -> bytes:
-    lines = ["\t".join([f"{r[0]:.4f}"] + [f"{v:.2f}" for v in r[1:]]) for r in rec]
-    return ("\r\n".join(lines) + "\r\n").encode()
+    """PhysioNet's text layout: tab separated, CRLF, 4 decimals for time."""
+    import pandas as pd
+
+    df = pd.DataFrame(np.round(rec[:, 1:], 2))
+    df.insert(0, "t", np.char.mod("%.4f", rec[:, 0]))
+    return df.to_csv(sep="\t", header=False, index=False, lineterminator="\r\n").encode()
 
 
 def write_synthetic_dataset(directory: str | os.PathLike[str], *, n_controls: int = 6,
@@ -114,7 +118,7 @@ def write_synthetic_dataset(directory: str | os.PathLike[str], *, n_controls: in
                 name = f"{sid}_{w:02d}.txt"
                 data = _format(rec)
                 if gzip_files:
-                    (d / (name + ".gz")).write_bytes(gzip.compress(data, mtime=0))
+                    (d / (name + ".gz")).write_bytes(gzip.compress(data, compresslevel=1, mtime=0))
                 else:
                     (d / name).write_bytes(data)
             hy = f"{rng.uniform(2, 3):.1f}" if pd_ else "NaN"

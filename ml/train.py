@@ -51,6 +51,7 @@ from .model import (
     Member,
     aggregate,
     calibrated,
+    feature_columns,
     make_estimator,
     make_rocket,
 )
@@ -189,11 +190,13 @@ def _score(est: Any, x: np.ndarray) -> np.ndarray:
     return est.decision_function(x)
 
 
-def _inputs(kind: str, agg: np.ndarray, rk: np.ndarray | None) -> np.ndarray:
-    if kind == "rocket":
+def _inputs(member: str, agg: np.ndarray, rk: np.ndarray | None) -> np.ndarray:
+    """The recording-level matrix a member reads (its columns only)."""
+    spec = MEMBERS[member]
+    if spec.kind == "rocket":
         assert rk is not None
         return rk
-    return agg
+    return agg[:, feature_columns(spec.feature_set)]
 
 
 def select_candidate(meta: pd.DataFrame, agg: np.ndarray, rk: np.ndarray | None,
@@ -206,8 +209,8 @@ def select_candidate(meta: pd.DataFrame, agg: np.ndarray, rk: np.ndarray | None,
     oof = {m: np.full(len(meta), np.nan) for m in members}
     for tr, te in folds:
         for m in members:
-            x = _inputs(MEMBERS[m], agg, rk)
-            est = make_estimator(m, seed).fit(x[tr], y[tr])
+            x = _inputs(m, agg, rk)
+            est = make_estimator(MEMBERS[m].estimator, seed).fit(x[tr], y[tr])
             oof[m][te] = _score(est, x[te])
     yt = y[train]
     ranks = {m: rankdata(oof[m][train]) / len(train) for m in members}
@@ -229,19 +232,22 @@ def fit_members(meta: pd.DataFrame, agg: np.ndarray, rk: np.ndarray | None,
     local = [(np.array([pos[i] for i in a]), np.array([pos[i] for i in b])) for a, b in folds]
     out = {}
     for m in names:
-        kind = MEMBERS[m]
-        x = _inputs(kind, agg, rk)[train]
-        est = calibrated(make_estimator(m, seed), local).fit(x, y[train])
-        out[m] = Member(m, kind, est, rocket if kind == "rocket" else None)
+        spec = MEMBERS[m]
+        x = _inputs(m, agg, rk)[train]
+        est = calibrated(make_estimator(spec.estimator, seed), local).fit(x, y[train])
+        if spec.kind == "rocket":
+            out[m] = Member(m, spec.kind, est, rocket=rocket)
+        else:
+            out[m] = Member(m, spec.kind, est, columns=feature_columns(spec.feature_set))
     return out
 
 
 def _ensemble_proba(members: dict[str, Member], cand: str, agg: np.ndarray,
                     rk: np.ndarray | None, rows: np.ndarray) -> np.ndarray:  # fmt: skip
-    return np.mean(
-        [members[m].proba(_inputs(members[m].kind, agg, rk)[rows]) for m in CANDIDATES[cand]],
-        axis=0,
-    )
+    def full(m: str) -> np.ndarray:  # members select their own columns
+        return rk if members[m].kind == "rocket" else agg  # type: ignore[return-value]
+
+    return np.mean([members[m].proba(full(m)[rows]) for m in CANDIDATES[cand]], axis=0)
 
 
 @dataclass
@@ -260,10 +266,10 @@ def nested_cv(ds: Dataset, *, folds: int = 5, inner_folds: int = 4, seed: int = 
     meta, y = ds.meta, ds.y
     agg = ds.aggregated()
     use_rocket = ds.series is not None and any(
-        MEMBERS[m] == "rocket" for c in candidates for m in CANDIDATES[c]
+        MEMBERS[m].kind == "rocket" for c in candidates for m in CANDIDATES[c]
     )
     if not use_rocket:
-        candidates = [c for c in candidates if all(MEMBERS[m] != "rocket" for m in CANDIDATES[c])]
+        candidates = [c for c in candidates if all(MEMBERS[m].kind != "rocket" for m in CANDIDATES[c])]
     n = len(meta)
     res = CVResult(np.full(n, np.nan), np.full(n, np.nan), np.full(n, -1), [], [],
                    {c: np.full(n, np.nan) for c in candidates}, [])  # fmt: skip
@@ -301,7 +307,7 @@ def fit_final(ds: Dataset, candidate: str, *, inner_folds: int = 4, seed: int = 
     names = CANDIDATES[candidate]
     rocket, rk = None, None
     everyone = np.arange(len(meta))
-    if any(MEMBERS[m] == "rocket" for m in names):
+    if any(MEMBERS[m].kind == "rocket" for m in names):
         assert ds.series is not None
         rocket, rk = rocket_fit_transform(ds.series, everyone, seed, jobs)
     members = fit_members(meta, agg, rk, everyone, names, inner_folds, seed + 2, rocket)
@@ -348,17 +354,18 @@ def leaky_comparison(ds: Dataset, candidate: str, seed: int = 0, folds: int = 5)
     out["random_window_split"] = binary_metrics(yw, p, 0.5) | {"unit": "window"}
     log(f"leaky: random window split AUC {out['random_window_split']['auc']:.3f}")
     # 2. random recording split (same candidate's feature members)
-    names = [m for m in CANDIDATES[candidate] if MEMBERS[m] == "features"] or ["logreg"]
+    names = [m for m in CANDIDATES[candidate] if MEMBERS[m].kind == "features"] or ["logreg"]
     agg = ds.aggregated()
     p = np.zeros(len(y))
     thr = np.zeros(len(y))
     for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(agg, y):
         probs = []
         for m in names:
-            est = calibrated(make_estimator(m, seed), list(
-                StratifiedKFold(4, shuffle=True, random_state=seed).split(agg[tr], y[tr])
-            )).fit(agg[tr], y[tr])  # fmt: skip
-            probs.append(est.predict_proba(agg[te])[:, 1])
+            cols = feature_columns(MEMBERS[m].feature_set)
+            folds_tr = list(StratifiedKFold(4, shuffle=True, random_state=seed).split(agg[tr], y[tr]))
+            est = calibrated(make_estimator(MEMBERS[m].estimator, seed), folds_tr)
+            est.fit(agg[tr][:, cols], y[tr])
+            probs.append(est.predict_proba(agg[te][:, cols])[:, 1])
         p[te] = np.mean(probs, axis=0)
         thr[te] = y[tr].mean()
     out["random_recording_split"] = (
@@ -423,7 +430,7 @@ def train(data_dir: str | Path, out_dir: str | Path, *, folds: int = 5, inner_fo
     unknown = set(candidates) - set(CANDIDATES)
     if unknown:
         raise ValueError(f"unknown candidates {sorted(unknown)}; known: {sorted(CANDIDATES)}")
-    use_series = any(MEMBERS[m] == "rocket" for c in candidates for m in CANDIDATES[c])
+    use_series = any(MEMBERS[m].kind == "rocket" for c in candidates for m in CANDIDATES[c])
     data_dir = D.data_dir(data_dir)
     log(f"loading recordings from {data_dir}")
     with threadpool_limits(1, user_api="blas"):

@@ -106,6 +106,11 @@ async def kafka_samples(bootstrap: str, topic: str, timeout: float = 20.0) -> pa
                                 auto_offset_reset="earliest")
     await consumer.start()
     try:
+        # let aiokafka's no-group task start (stop() awaits it: cancelled before its first
+        # step it raises CancelledError), and fetch metadata for every topic: right after
+        # start() the client knows none, so partitions_for_topic would say "no partitions"
+        await asyncio.sleep(0)
+        await consumer.topics()
         parts = consumer.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in parts]
         if not tps:

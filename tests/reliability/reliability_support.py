@@ -224,14 +224,67 @@ class ModelServer(_Process):
         return await self._wait_http(f"{self.url}/healthz", timeout)
 
 
+#: ``--set`` arguments that keep settings.toml's Spark job from running: for tests of the
+#: ingest tier (MQTT, lake, Kafka), where a Spark job (a minute or more on two cores)
+#: would only add time. Segment events then stay pending (unacknowledged) until the end.
+INGEST_ONLY = ("handlers.features.max_wait=86400.0", "handlers.features.trigger_on_final=false",
+               'handlers.features.on_shutdown="cancel"')
+
+
+def one_spark_job(seconds: float) -> tuple[str, ...]:
+    """``--set`` arguments for one Spark job over a whole replay of ``seconds``: started
+    that long after the first segment, rather than one per recording end (each job takes
+    a minute or more on two cores, and a recording's job waits for the running one)."""
+    return ("handlers.features.trigger_on_final=false",
+            f"handlers.features.max_wait={seconds:.1f}")
+
+
+PROCESSING_SECTIONS = ("runtime", "dead_letter", "handlers.feature_store", "handlers.diagnose",
+                       "handlers.diagnoses_mongo", "handlers.diagnoses_es",
+                       "handlers.dead_letters")
+
+
+def processing_tier_settings(path: Path, *, recordings: Iterable[str], seconds: float,
+                             start_file: Path, ack_log: Path, interval: float = 1.0) -> Path:
+    """settings.toml's processing tier (features → Cassandra, model → MongoDB, ES), its
+    sections copied verbatim, fed by ``feature_replay`` instead of the Spark job."""
+    import re
+
+    text = (ROOT / "settings.toml").read_text()
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        m = re.match(r"^\[([^\]]+)\]", line)
+        if m:
+            current = m.group(1)
+            sections[current] = []
+        if current is not None:
+            sections[current].append(line)
+    outputs = next(line for line in sections["handlers.features"]
+                   if line.startswith("outputs"))
+    feed = ["[handlers.features]", 'type = "feature_replay:FeatureReplay"',
+            f"recordings = {json.dumps(list(recordings))}", f"seconds = {seconds}",
+            f"start_file = {json.dumps(str(start_file))}", f"ack_log = {json.dumps(str(ack_log))}",
+            f"interval = {interval}", outputs]
+    body = ["# settings.toml's processing tier, fed by feature_replay (tests/reliability)"]
+    for name in PROCESSING_SECTIONS:
+        body += [*sections[name], ""]
+    path.write_text("\n".join(body + feed) + "\n")
+    return path
+
+
 class PipelineProcess(_Process):
-    """settings.toml's pipeline, pointed at ``names``; the same admin port on every start."""
+    """settings.toml's pipeline, pointed at ``names``; the same admin port on every start.
+
+    ``settings``: another file (the processing tier: ``processing_tier_settings``), then
+    only its handlers' names are overridden.
+    """
 
     what = "the pipeline"
 
     def __init__(self, names: RunNames, *, model_url: str, dead_letters: Path, log: Path,
                  sets: Iterable[str] = (), env: Mapping[str, str] | None = None,
-                 admin_token: str | None = None, settings: str = "settings.toml") -> None:
+                 admin_token: str | None = None, settings: Path | None = None) -> None:
         super().__init__(log)
         self.names = names
         self.admin_port = free_port()
@@ -239,9 +292,21 @@ class PipelineProcess(_Process):
         self.dead_letters = dead_letters
         self.token = admin_token
         self.env = dict(env or {})
-        self.argv = [PY, "run.py", "--settings", settings]
-        for s in [*names.overrides(admin_port=self.admin_port, model_url=model_url,
-                                   dead_letters=str(dead_letters)), *sets]:
+        if settings is None:
+            base = names.overrides(admin_port=self.admin_port, model_url=model_url,
+                                   dead_letters=str(dead_letters))
+            self.argv = [PY, "run.py", "--settings", "settings.toml"]
+        else:
+            base = [f"runtime.admin_port={self.admin_port}", "runtime.admin_extensions=[]",
+                    f'handlers.feature_store.keyspace="{names.keyspace}"',
+                    f'handlers.diagnose.url="{model_url}"',
+                    f'handlers.diagnoses_mongo.database="{names.mongo_db}"',
+                    f'handlers.diagnoses_es.index="{names.es_index}"',
+                    f'handlers.dead_letters.path="{dead_letters}"']
+            self.argv = [PY, "run.py", "--settings", str(settings)]
+            self.env.setdefault("PYTHONPATH", os.pathsep.join(
+                [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]))
+        for s in [*base, *sets]:
             self.argv += ["--set", s]
 
     def start(self) -> None:
@@ -468,18 +533,20 @@ class Audit:
 
 
 async def audit_stores(names: RunNames, recs: Mapping[str, np.ndarray], *,
-                       derived: bool = True) -> Audit:
-    """Lake and Kafka: every (recording, seq) once; Cassandra: every window once;
-    MongoDB and Elasticsearch: one diagnosis per recording (when ``derived``)."""
-    samples = {rec: range(len(rows)) for rec, rows in recs.items()}
-    lake = await audit.lake_samples(WEBHDFS, names.lake_root)
-    kafka = await audit.kafka_samples(KAFKA, names.kafka_topic, timeout=60)
-    stores = [
-        compare("lake", zip(lake.column("recording").to_pylist(),
-                            lake.column("seq").to_pylist(), strict=True), samples),
-        compare("kafka", zip(kafka.column("recording").to_pylist(),
-                             kafka.column("seq").to_pylist(), strict=True), samples),
-    ]
+                       raw: bool = True, derived: bool = True) -> Audit:
+    """Lake and Kafka: every (recording, seq) once (``raw``); Cassandra: every window
+    once; MongoDB and Elasticsearch: one diagnosis per recording (``derived``)."""
+    stores = []
+    if raw:
+        samples = {rec: range(len(rows)) for rec, rows in recs.items()}
+        lake = await audit.lake_samples(WEBHDFS, names.lake_root)
+        kafka = await audit.kafka_samples(KAFKA, names.kafka_topic, timeout=60)
+        stores += [
+            compare("lake", zip(lake.column("recording").to_pylist(),
+                                lake.column("seq").to_pylist(), strict=True), samples),
+            compare("kafka", zip(kafka.column("recording").to_pylist(),
+                                 kafka.column("seq").to_pylist(), strict=True), samples),
+        ]
     if derived:
         windows = await asyncio.to_thread(audit.cassandra_window_keys, names.keyspace)
         stores.append(compare("cassandra", windows, expected_windows(recs)))

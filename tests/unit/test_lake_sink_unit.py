@@ -369,12 +369,15 @@ async def test_a_flush_that_keeps_failing_dead_letters_its_batches(fs: FakeHdfs)
 
 
 async def test_unsafe_recording_ids_are_dead_lettered(fs: FakeHdfs) -> None:
-    rt = pipeline([{"rows": rows("A", [1, 2]) + rows("../etc", [3]) + rows("x/y", [4])}],
-                  roll_rows=10)
+    nulls = [{"recording": None, "seq": 5, "time": 0.05, "L": 1.0},
+             {"recording": "A", "seq": -1, "time": 0.0, "L": 1.0}]
+    rt = pipeline([{"rows": rows("A", [1, 2]) + rows("../etc", [3]) + rows("x/y", [4])},
+                   {"rows": rows("B", [7]) + nulls}], roll_rows=10)
     assert (await rt.run()).ok
-    assert_exactly(fs, {"A": [1, 2]})
+    assert_exactly(fs, {"A": [1, 2], "B": [7]})
     dl = rt.handlers["dlq"].rows()
-    assert len(dl) == 2 and "unsafe recording id" in dl[0]["reason"]
+    assert len(dl) == 4 and "unsafe recording id" in dl[0]["reason"]
+    assert "null recording or seq; negative seq" in dl[2]["reason"]
 
 
 async def test_a_recording_keeps_its_partition_across_midnight(fs: FakeHdfs) -> None:

@@ -31,26 +31,45 @@ class FakeStore:
         self.transient: dict[Any, int] = {}      # _id -> times it fails with code 112
         self.unencodable: set[Any] = set()       # _id the client cannot encode
         self.concern_errors = 0                  # next N replies carry a writeConcernError
-        self.commands: list[int] = []            # documents per update command
+        self.commands: list[tuple[str, int]] = []   # (command, documents)
         self.indexes: dict[str, dict[str, Any]] = {"_id_": {"key": [("_id", 1)]}}
 
-    def update(self, updates: list[dict[str, Any]]) -> dict[str, Any]:
+    def _check(self, name: str, docs: list[dict[str, Any]]) -> None:
         if self.down:
             self.down -= 1
             raise AutoReconnect("connection closed")
-        if any(u["q"]["_id"] in self.unencodable for u in updates):
+        if any(d["_id"] in self.unencodable for d in docs):
             raise InvalidDocument("cannot encode object: <object>")
-        self.commands.append(len(updates))
+        self.commands.append((name, len(docs)))
+
+    def _error(self, doc: dict[str, Any], key: Any) -> dict[str, Any] | None:
+        if self.transient.get(key):
+            self.transient[key] -= 1
+            return {"code": 112, "errmsg": "WriteConflict"}
+        if self.unique and any(d.get(self.unique) == doc.get(self.unique) and k != key
+                               for k, d in self.docs.items()):
+            return {"code": 11000, "errmsg": f"E11000 duplicate key: {self.unique}"}
+        return None
+
+    def insert(self, documents: list[dict[str, Any]]) -> dict[str, Any]:
+        self._check("insert", documents)
+        errors, n = [], 0
+        for i, doc in enumerate(documents):
+            error = ({"code": 11000, "errmsg": "E11000 duplicate key: _id"}
+                     if doc["_id"] in self.docs else self._error(doc, doc["_id"]))
+            if error is None:
+                self.docs[doc["_id"]] = doc
+                n += 1
+            else:
+                errors.append({"index": i, **error})
+        return {"n": n, "ok": 1.0, **({"writeErrors": errors} if errors else {})}
+
+    def update(self, updates: list[dict[str, Any]]) -> dict[str, Any]:
+        self._check("update", [u["u"] for u in updates])
         errors, n = [], 0
         for i, u in enumerate(updates):
             doc, key = u["u"], u["q"]["_id"]
-            error = None
-            if self.transient.get(key):
-                self.transient[key] -= 1
-                error = {"code": 112, "errmsg": "WriteConflict"}
-            elif self.unique and any(d.get(self.unique) == doc.get(self.unique) and k != key
-                                     for k, d in self.docs.items()):
-                error = {"code": 11000, "errmsg": f"E11000 duplicate key: {self.unique}"}
+            error = self._error(doc, key)
             if error is None:
                 self.docs[key] = doc
                 n += 1
@@ -91,6 +110,8 @@ class FakeDatabase:
     async def command(self, name: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if name == "update":
             return STORE.update(kwargs["updates"])
+        if name == "insert":
+            return STORE.insert(kwargs["documents"])
         if name == "buildInfo":
             info = {"version": "7.0.42", "ok": 1.0}
             if STORE.flavour == "ferretdb":
@@ -154,21 +175,33 @@ def dead(rt: Runtime) -> dict[str, str]:
     return {r["key"]: r["reason"] for r in rt.handlers["dlq"].table().to_pylist()}  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("flavour", ["mongodb", "ferretdb"])
-async def test_duplicate_on_unique_index_is_dead_lettered_alone(make_runtime: Any, store: FakeStore,
-                                                              flavour: str) -> None:
+@pytest.mark.parametrize(("flavour", "mode", "commands"), [
+    ("mongodb", "auto", [("update", 5)]),                    # MongoDB's reply is trusted
+    ("ferretdb", "auto", [("insert", 5), ("update", 1)]),    # insert, upsert the clash
+    ("ferretdb", "upsert", [("update", 5)] + [("update", 1)] * 5),  # re-run one by one
+])
+async def test_duplicate_on_unique_index_is_dead_lettered_alone(
+        make_runtime: Any, store: FakeStore, flavour: str, mode: str,
+        commands: list[tuple[str, int]]) -> None:
     store.flavour, store.unique = flavour, "patient"
     data = rows(5)
     data[1]["patient"] = "P0"
-    rt = await run(make_runtime, data)
+    rt = await run(make_runtime, data, write_mode=mode)
     assert sorted(store.docs) == ["R00", "R02", "R03", "R04"]
     assert dead(rt) == {"R01": "MongoDB refused the document (code 11000): "
                                "E11000 duplicate key: patient"}
-    if flavour == "ferretdb":   # the chunk was re-run one document per command
-        assert store.commands == [5, 1, 1, 1, 1, 1]
-    else:                        # MongoDB's reply is trusted
-        assert store.commands == [5]
+    assert store.commands == commands
     assert rt.handlers["src"].committed  # type: ignore[attr-defined]
+
+
+async def test_insert_first_upserts_existing_keys_in_short_commands(
+        make_runtime: Any, store: FakeStore) -> None:
+    store.flavour = "ferretdb"
+    await run(make_runtime, rows(20, label="control"))
+    await run(make_runtime, rows(20, label="parkinson"))
+    assert store.commands == [("insert", 20), ("insert", 20), ("update", 8), ("update", 8),
+                              ("update", 4)]
+    assert {d["label"] for d in store.docs.values()} == {"parkinson"}
 
 
 async def test_documents_carry_id_and_the_last_row_per_key_wins(make_runtime: Any,
@@ -178,7 +211,7 @@ async def test_documents_carry_id_and_the_last_row_per_key_wins(make_runtime: An
     assert store.docs["R00"]["_id"] == "R00"
     assert store.docs["R00"]["label"] == "parkinson"
     assert store.docs["R00"]["diagnosed_at"] == dt.datetime(2026, 12, 4, tzinfo=dt.UTC)
-    assert store.commands == [3]
+    assert store.commands == [("update", 3)]
 
 
 async def test_transient_write_errors_are_retried(make_runtime: Any, store: FakeStore) -> None:
@@ -186,12 +219,14 @@ async def test_transient_write_errors_are_retried(make_runtime: Any, store: Fake
     rt = await run(make_runtime, rows(3))
     assert sorted(store.docs) == ["R00", "R01", "R02"]
     assert dead(rt) == {}
-    assert store.commands == [3, 1, 1]
+    assert store.commands == [("update", 3), ("update", 1), ("update", 1)]
 
 
+@pytest.mark.parametrize("flavour", ["mongodb", "ferretdb"])
 async def test_transient_errors_past_every_retry_go_to_dead_letter(make_runtime: Any,
-                                                                    store: FakeStore) -> None:
-    store.transient = {"R01": 100}
+                                                                    store: FakeStore,
+                                                                    flavour: str) -> None:
+    store.flavour, store.transient = flavour, {"R01": 100}
     rt = await run(make_runtime, rows(3))
     assert sorted(store.docs) == ["R00", "R02"]
     assert list(dead(rt)) == ["R01"]
@@ -201,7 +236,7 @@ async def test_transient_errors_past_every_retry_go_to_dead_letter(make_runtime:
 async def test_write_concern_error_is_retried(make_runtime: Any, store: FakeStore) -> None:
     store.concern_errors = 1
     rt = await run(make_runtime, rows(2))
-    assert dead(rt) == {} and store.commands == [2, 2]
+    assert dead(rt) == {} and store.commands == [("update", 2), ("update", 2)]
 
 
 async def test_connection_loss_is_retried_and_reported(make_runtime: Any,
@@ -214,9 +249,11 @@ async def test_connection_loss_is_retried_and_reported(make_runtime: Any,
     assert sink.health() == (True, "")
 
 
+@pytest.mark.parametrize("flavour", ["mongodb", "ferretdb"])
 async def test_unencodable_document_is_found_and_dead_lettered(make_runtime: Any,
-                                                                store: FakeStore) -> None:
-    store.unencodable = {"R01"}
+                                                                store: FakeStore,
+                                                                flavour: str) -> None:
+    store.flavour, store.unencodable = flavour, {"R01"}
     rt = await run(make_runtime, rows(3))
     assert sorted(store.docs) == ["R00", "R02"]
     assert "InvalidDocument" in dead(rt)["R01"]
@@ -224,7 +261,7 @@ async def test_unencodable_document_is_found_and_dead_lettered(make_runtime: Any
 
 async def test_bulk_size_chunks_the_commands(make_runtime: Any, store: FakeStore) -> None:
     await run(make_runtime, rows(7), bulk_size=3)
-    assert store.commands == [3, 3, 1]
+    assert store.commands == [("update", 3), ("update", 3), ("update", 1)]
 
 
 async def test_indexes_created_and_conflicts_refused(make_runtime: Any, store: FakeStore) -> None:
