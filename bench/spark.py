@@ -111,7 +111,7 @@ class Progress:
 
 async def spark_run(settings: SparkJobSettings, hdfs_url: str, raw: str, out: str, job: str,
                     features: str) -> tuple[SparkAttempt, int]:
-    spec = {"job_id": job, "inputs": [f"{hdfs_url}{raw}/date=*/recording=*/part-*.parquet"],
+    spec = {"job_id": job, "inputs": [f"{hdfs_url}{raw}"],
             "output": f"{hdfs_url}{out}/job={job}", "features": features}
     t0 = time.perf_counter()
     attempt, table = await run_features_job(spec, settings, Progress(job))

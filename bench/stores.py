@@ -2,7 +2,7 @@
 
     python bench/stores.py                               # 5000 diagnoses, batches of 1..1000
     python bench/stores.py --docs 20000 --batch-sizes 100,1000,5000 --stores es
-    python bench/stores.py --naive-docs 200
+    python bench/stores.py --naive-docs 200 --overwrite-docs 100
 
 Needs FerretDB on 127.0.0.1:27017 and Elasticsearch on 127.0.0.1:9200
 (``python -m stack up ferretdb elasticsearch``). Documents are diagnoses
@@ -12,13 +12,18 @@ window_probabilities of 20 floats, diagnosed_at), one per recording key.
 Figures, in the same run, on a database / index of its own (dropped at the end):
 
 sink, batch N
-    the pipeline path: a source emits batches of N rows into the sink; documents/s
-    from the first emit to the last upstream acknowledgement (every document
-    written and acknowledged by the server). Each batch size writes the same keys
-    again, so every run after the first is a pure overwrite (upserts are idempotent).
+    the pipeline path: a source emits batches of N rows into the sink, each batch
+    size into a collection / index of its own (new keys); documents/s from the
+    first emit to the last upstream acknowledgement (every document written and
+    acknowledged by the server).
+overwrite
+    ``--overwrite-docs`` of those keys written again (a replay), at the largest
+    batch size, into the collection / index already holding ``--docs`` documents.
+    On FerretDB 1.24 each overwrite scans the collection (see mongo_sink's notes).
 naive
     one request per document, one after the other: ``replace_one(..., upsert=True)``
-    with PyMongo, ``index(id=...)`` with the Elasticsearch client, on ``--naive-docs``.
+    with PyMongo, ``index(id=...)`` with the Elasticsearch client, on ``--naive-docs``
+    new keys.
 """
 from __future__ import annotations
 
@@ -86,7 +91,7 @@ async def through_sink(sink: dict[str, Any], table: pa.Table, batch: int) -> flo
         "runtime": {"admin_enabled": False, "drain_timeout": 600.0},
         "dead_letter": {"target": "dlq"},
         "handlers": {
-            "src": {"type": "__main__:TableSource", "outputs": ["sink"]},
+            "src": {"type": f"{TableSource.__module__}:TableSource", "outputs": ["sink"]},
             "sink": {**sink, "on_failure": "stop"},
             "dlq": {"type": "memory_sink"},
         }}, file="bench/stores.py")
@@ -145,6 +150,8 @@ async def main() -> int:
     ap.add_argument("--docs", type=int, default=5000, help="documents per sink run")
     ap.add_argument("--naive-docs", type=int, default=500,
                     help="documents for the one-request-per-document writer")
+    ap.add_argument("--overwrite-docs", type=int, default=200,
+                    help="documents written again into a full collection / index")
     ap.add_argument("--batch-sizes", default="1,10,100,1000", help="rows per batch")
     ap.add_argument("--stores", default="mongo,es", help="mongo, es or both")
     args = ap.parse_args()
@@ -153,28 +160,34 @@ async def main() -> int:
     table = diagnoses(args.docs)
     naive_docs = diagnoses(args.naive_docs).to_pylist()
     run_id = uuid.uuid4().hex[:8]
-    print(f"{args.docs} diagnoses per sink run, {args.naive_docs} for the naive writer; "
-          f"loopback; run {run_id}")
+    print(f"{args.docs} diagnoses per sink run, {args.overwrite_docs} overwritten, "
+          f"{args.naive_docs} for the naive writer; loopback; run {run_id}", flush=True)
     print(f"{'store':<14}{'path':<22}{'documents/s':>12}")
     for store in args.stores.split(","):
         if store == "mongo":
             name = f"gaitflow_bench_{run_id}"
             sink = {"type": "mongo_sink", "url": MONGO_URL, "database": name,
-                    "collection": "diagnoses", "bulk_size": 1000}
-            label = "mongo_sink"
+                    "bulk_size": 1000}
+            where, label = "collection", "mongo_sink"
         elif store == "es":
             name = f"gaitflow-bench-{run_id}"
-            sink = {"type": "es_sink", "hosts": [ES_URL], "index": name, "bulk_size": 1000,
+            sink = {"type": "es_sink", "hosts": [ES_URL], "bulk_size": 1000,
                     "index_settings": {"number_of_replicas": 0}}
-            label = "es_sink"
+            where, label = "index", "es_sink"
         else:
             raise SystemExit(f"unknown store {store!r}: mongo or es")
         try:
             for size in sizes:
-                rate = await through_sink(sink, table, size)
+                target = f"{name if store == 'es' else 'diagnoses'}-b{size}"
+                rate = await through_sink({**sink, where: target}, table, size)
                 print(f"{label:<14}{f'sink, batch {size}':<22}{rate:>12,.0f}", flush=True)
+            again = table.slice(0, args.overwrite_docs).set_column(
+                3, "model_version", pa.array(["bench-2"] * min(args.overwrite_docs, args.docs)))
+            rate = await through_sink({**sink, where: target}, again, sizes[-1])
+            print(f"{label:<14}{f'overwrite, batch {sizes[-1]}':<22}{rate:>12,.0f}",
+                  flush=True)
         finally:
-            await drop(store, name)
+            await drop(store, name if store == "mongo" else f"{name}-b*")
         naive = await (naive_mongo(name + "_naive", naive_docs) if store == "mongo"
                        else naive_es(name + "-naive", naive_docs))
         print(f"{label:<14}{'naive, 1 req/doc':<22}{naive:>12,.0f}", flush=True)

@@ -536,25 +536,35 @@ class LakeSink(Sink):
             if await fs.exists(self._dirs(day, rec)[0]):
                 date = day
                 break
-        visible, tmp = self._dirs(date, rec)
-        await fs.mkdirs(visible)  # from now on the date choice is on disk
+        state.dir, state.tmp_dir = self._dirs(date, rec)
+        await self._list_files(state)
+        state.opened = True
+        if any(f.hidden for f in state.files):
+            self.log.warning("lake.recovering", recording=rec,
+                             leftovers=[f.path for f in state.files if f.hidden])
+
+    async def _list_files(self, state: _Recording) -> None:
+        """What HDFS holds for the recording: visible files and leftovers under _tmp."""
+        fs = self.fs
+        assert fs is not None
+        await fs.mkdirs(state.dir)  # from the first listing on, the date choice is on disk
+        known = {f.path: f for f in state.files}
         files = []
-        for st in await fs.list_status(visible):
+        for st in await fs.list_status(state.dir):
             m = _PART.fullmatch(st.name)
             if m and not st.is_dir:
-                files.append(_File(st.path, int(m[1]), int(m[2])))
+                files.append(known.get(st.path) or _File(st.path, int(m[1]), int(m[2])))
         try:
-            leftovers = await fs.list_status(tmp)
+            leftovers = await fs.list_status(state.tmp_dir)
         except NotFound:
             leftovers = []
         for st in leftovers:
             m = _TMP.fullmatch(st.name)
             if m and not st.is_dir:
-                files.append(_File(st.path, int(m[2]), int(m[3]), hidden=True))
-        if any(f.hidden for f in files):
-            self.log.warning("lake.recovering", recording=rec,
-                             leftovers=[f.path for f in files if f.hidden])
-        state.dir, state.tmp_dir, state.files, state.opened = visible, tmp, files, True
+                files.append(known.get(st.path) or
+                             _File(st.path, int(m[2]), int(m[3]), hidden=True))
+        state.files = files
+        state.orphans = [p for p in state.orphans if p not in {f.path for f in files}]
 
     def _complete(self, state: _Recording, k: int) -> bool:
         """Block ``k`` (probably) holds ``roll_rows`` distinct samples, lake included."""
@@ -657,6 +667,8 @@ class LakeSink(Sink):
         for attempt in range(1, s.flush_attempts + 1):
             t0 = time.perf_counter()
             try:
+                if attempt > 1:   # a failed attempt may have changed HDFS halfway: look again
+                    await self._list_files(state)
                 written = await self._rewrite(state, k, block, compact)
             except Exception as exc:  # noqa: BLE001 - every failure: retry, then dead letter
                 error = exc
@@ -712,11 +724,13 @@ class LakeSink(Sink):
                         grew = True
         if not block.chunks and not sources:
             return None
-        tables = []
+        tables, merged_files = [], []
         for f in sources:
-            table = await self._read(state, f)
+            table = await self._read(state, f)   # None: vanished or torn (then forgotten)
             if table is not None:
                 tables.append(table)
+                merged_files.append(f)
+        sources = merged_files
         merged = _dedup(tables + block.chunks)
         if merged.num_rows == 0:
             return None
@@ -741,9 +755,10 @@ class LakeSink(Sink):
                 state.files.remove(f)
         # a False rename with tmp gone: an earlier try went through, its answer was lost
         if not await fs.rename(tmp, dest) and await fs.exists(tmp):
-            await fs.delete(dest)   # held by a file we did not know of
-            if not await fs.rename(tmp, dest):
-                raise WebHdfsError("RENAME", tmp, f"could not rename to {dest}")
+            # dest is held by a file this sink did not know of: never delete rows unseen;
+            # the next attempt lists the directory again and merges it
+            raise WebHdfsError("RENAME", tmp, f"{dest} exists and was not known; merging it "
+                                              "on the next attempt")
         state.files.remove(staged)
         written = _File(dest, first, last, merged.num_rows)
         state.files.append(written)

@@ -65,12 +65,15 @@ FerretDB 1.24 (the local stack's MongoDB-wire server), checked against the serve
       reports a write error on FerretDB, the chunk is re-run one document per
       command (upserts are idempotent) so each error lands on its document.
       On MongoDB the reply's indexes are trusted.
-    * Its ``update`` command gets slower with every update it holds (each keeps
-      its cursor open until the command ends): about 3 ms per document at 5 per
-      command, over 20 ms at 100, and a 1000-document command outlasts a 30 s
-      socket timeout. ``insert`` takes about 0.1 ms per document at any size and
+    * Every lookup by ``_id`` (``update``, ``find``, ``delete``) scans the
+      collection: 8 updates of existing keys in a 5000-document collection take
+      about 1 s, and a 1000-update command outlasts a 30 s socket timeout (and
+      keeps running on the server after the client gave up). ``insert`` finds
+      duplicate ``_id`` through the primary key, about 0.1 ms per document, and
       reports unordered errors correctly. Hence ``write_mode = "auto"``: insert
-      first, then upsert the existing keys in commands of 8.
+      first, then upsert only the keys that existed (a replay), in commands of 8.
+      New keys cost the same whatever the collection size; overwrites cost a
+      scan each (nothing on the wire protocol avoids it).
     * A NaN anywhere in a document makes it close the connection (which would
       look like an outage and retry forever); infinities are refused. Hence
       ``reject_non_finite`` (default true).
@@ -106,8 +109,8 @@ AUTH_CODES = frozenset({13, 18})
 #: pseudo error code for documents the client cannot encode (never sent)
 CLIENT_REFUSED = -1
 DUPLICATE_KEY = 11000
-#: FerretDB 1.24's update command slows down with every update it holds (each
-#: keeps its cursor open until the command ends): keep its update commands short
+#: FerretDB 1.24 scans the collection for every update by _id: keep its update
+#: commands short, so none outlives the socket timeout (it would keep running)
 FERRETDB_UPDATE_CHUNK = 8
 
 

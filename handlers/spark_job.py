@@ -250,9 +250,6 @@ def submit_command(s: SparkJobSettings, job_args: list[str], py_files: Path,
         # rather than letting AQE merge them into one task on one core
         "spark.sql.adaptive.coalescePartitions.enabled": "false",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
-        # list up to 1000 lake files on the driver (HDFS listing is cheap) instead of
-        # a Spark job of one task per file
-        "spark.sql.sources.parallelPartitionDiscovery.threshold": "1000",
         "spark.ui.enabled": "true",
         "spark.ui.port": str(s.ui_port),
         "spark.ui.showConsoleProgress": "false",
@@ -793,7 +790,8 @@ class SparkJob(Processor):
             return
         last = job.attempts[-1]
         text = f"{last.error}\n" + "\n".join(last.tail)
-        culprits = {r for r in recordings if f"recording={r}/" in text}
+        culprits = {r for r in recordings
+                    if re.search(rf"recording={re.escape(r)}(?![A-Za-z0-9_.-])", text)}
         if culprits and len(culprits) < len(recordings):
             job.state = "isolating"
             bad = [seg for seg in job.segments if seg.recording in culprits]
@@ -873,7 +871,7 @@ class SparkJob(Processor):
         s = self.settings
         spec = {
             "job_id": job.job_id,
-            "inputs": sorted({f"{seg.root}/date=*/recording={seg.recording}/part-*.parquet"
+            "inputs": sorted({f"{seg.root}/date=*/recording={seg.recording}"
                               for seg in job.segments}),
             "output": f"{s.hdfs_url.rstrip('/')}{s.features_root}/job={job.job_id}",
             "features": s.features,

@@ -326,7 +326,7 @@ Fetcher = Callable[[str], bytes]
 
 def _http_get(url: str, timeout: float = 30.0) -> bytes:
     req = urllib.request.Request(url, headers={"User-Agent": "gaitflow/0.1"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - https only
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
         return resp.read()
 
 

@@ -162,7 +162,7 @@ def evaluation_table(meta: pd.DataFrame, p: np.ndarray, threshold: float | np.nd
         m = binary_metrics(y[mask], p[mask], 0.5)
         hard = binary_metrics(y[mask], margin[mask], 0.5)
         m |= {k: hard[k] for k in ("balanced_accuracy", "sensitivity", "specificity")}
-        m["n_subjects"] = int(len(set(groups[mask])))
+        m["n_subjects"] = len(set(groups[mask]))
         ci_auc = bootstrap_ci(y[mask], p[mask], groups[mask], 0.5, n_boot, seed)
         ci_hard = bootstrap_ci(y[mask], margin[mask], groups[mask], 0.5, n_boot, seed)
         for k in METRICS:

@@ -46,9 +46,9 @@ __all__ = [
     "COLUMNS",
     "DEFAULT_STEP_S",
     "DEFAULT_WINDOW_S",
+    "FEATURES_VERSION",
     "FEATURE_GROUPS",
     "FEATURE_NAMES",
-    "FEATURES_VERSION",
     "FS",
     "SENSOR_XY",
     "GaitEvents",
@@ -140,12 +140,12 @@ def _feature_names() -> tuple[str, ...]:
         "double_support_cv", "single_support_asym", "phase_mean", "phase_cv", "pci",
         "stride_cv_pooled", "stride_diff_rms",
     ]  # fmt: skip
-    names += [f"profile_{int(round(p * 100)):03d}" for p in _PROFILE_POINTS]
-    names += [f"cop_y_profile_{int(round(p * 100)):03d}" for p in _PROFILE_POINTS]
-    names += [f"cop_x_profile_{int(round(p * 100)):03d}" for p in _PROFILE_POINTS]
+    names += [f"profile_{round(p * 100):03d}" for p in _PROFILE_POINTS]
+    names += [f"cop_y_profile_{round(p * 100):03d}" for p in _PROFILE_POINTS]
+    names += [f"cop_x_profile_{round(p * 100):03d}" for p in _PROFILE_POINTS]
     # load of each sensor (both feet averaged) at points of the stance phase
     names += [
-        f"sensor{i}_{int(round(p * 100)):03d}" for i in range(1, 9) for p in _SENSOR_POINTS
+        f"sensor{i}_{round(p * 100):03d}" for i in range(1, 9) for p in _SENSOR_POINTS
     ]
     # spectral features of the total force (L + R) and of one foot
     names += list(_SPECTRAL)
@@ -195,7 +195,7 @@ def window_starts(n: int, fs: float = FS, window_s: float = DEFAULT_WINDOW_S,
 
 
 def _window_rows(fs: float, window_s: float, step_s: float) -> tuple[int, int]:
-    w, s = int(round(window_s * fs)), int(round(step_s * fs))
+    w, s = round(window_s * fs), round(step_s * fs)
     if w < 2 or s < 1:
         raise ValueError(f"window ({window_s} s) and step ({step_s} s) too short at {fs} Hz")
     return w, s
@@ -498,7 +498,7 @@ def window_features(x: np.ndarray, fs: float = FS) -> np.ndarray:
     cop = [p for p in (xl["cop_profile"], xr["cop_profile"]) if p is not None]
     copx = [p for p in (xl["cop_x_profile"], xr["cop_x_profile"]) if p is not None]
     for i, pt in enumerate(_PROFILE_POINTS):
-        tag = f"{int(round(pt * 100)):03d}"
+        tag = f"{round(pt * 100):03d}"
         feats[f"profile_{tag}"] = float(np.mean([p[i] for p in prof])) if prof else np.nan
         feats[f"cop_y_profile_{tag}"] = float(np.mean([p[i] for p in cop])) if cop else np.nan
         feats[f"cop_x_profile_{tag}"] = float(np.mean([p[i] for p in copx])) if copx else np.nan
@@ -507,7 +507,7 @@ def window_features(x: np.ndarray, fs: float = FS) -> np.ndarray:
         spm = np.mean(sp, axis=0)
         for i in range(8):
             for j, pt in enumerate(_SENSOR_POINTS):
-                feats[f"sensor{i + 1}_{int(round(pt * 100)):03d}"] = float(spm[i, j])
+                feats[f"sensor{i + 1}_{round(pt * 100):03d}"] = float(spm[i, j])
 
     spec = _spectral(total_n / bw, x[:, _L_TOTAL] / bw, fs, feats["stride_mean"])
     for name, v in zip(_SPECTRAL, spec, strict=True):

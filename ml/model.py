@@ -43,10 +43,10 @@ __all__ = [
     "DEFAULT_CANDIDATES",
     "FEATURE_SETS",
     "MEMBERS",
-    "MemberSpec",
     "QUANTILES",
     "GaitModel",
     "Member",
+    "MemberSpec",
     "Prediction",
     "aggregate",
     "aggregate_each",
@@ -220,7 +220,7 @@ class GaitModel:
 
     @property
     def window_rows(self) -> int:
-        return int(round(self.window_s * self.fs))
+        return round(self.window_s * self.fs)
 
     @property
     def feature_members(self) -> list[Member]:

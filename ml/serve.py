@@ -40,6 +40,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
@@ -98,7 +99,7 @@ def _warm(path: str) -> str:
 def _predict_chunk(path: str, items: list[PredictItem]) -> list[dict[str, Any]]:
     """Score a chunk of recordings with the model at ``path`` (runs in a worker)."""
     model = _model_for(path)
-    step_rows = int(round(model.step_s * model.fs))
+    step_rows = round(model.step_s * model.fs)
     out = []
     for it in items:
         if it.kind == "rows":
@@ -154,6 +155,8 @@ class ModelRegistry:
 
     async def activate(self, version: str, warm: Callable[[LoadedModel], Awaitable[None]]) -> tuple[str, str]:
         """Load (and check) ``version``, warm the workers, then switch to it."""
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", version):
+            raise RequestError(404, "unknown_version", f"no model version {version!r}", "version")
         async with self._lock:
             try:
                 loaded = await asyncio.to_thread(load_model, self.root, version)
@@ -293,11 +296,16 @@ async def predict(request: web.Request) -> web.Response:
             raise RequestError(422, "windows_not_supported",
                                f"model {model.version} needs raw rows", "recordings")  # fmt: skip
         loop = asyncio.get_running_loop()
-        chunks = _chunks(items, app[CONFIG].workers)
+        chunks = _chunks(len(items), [it.data.shape[0] for it in items], app[CONFIG].workers)
         parts = await asyncio.gather(*[
-            loop.run_in_executor(app[EXECUTOR], _predict_chunk, str(loaded.path), c) for c in chunks
+            loop.run_in_executor(app[EXECUTOR], _predict_chunk, str(loaded.path),
+                                 [items[i] for i in c])
+            for c in chunks
         ])  # fmt: skip
-        results = [r for part in parts for r in part]
+        results: list[dict[str, Any]] = [{} for _ in items]
+        for c, part in zip(chunks, parts, strict=True):
+            for i, r in zip(c, part, strict=True):
+                results[i] = r  # answers in the order of the request
         app[METRICS].inc("predictions_total", "recordings scored", len(results),
                          labels={"version": model.version})  # fmt: skip
         return web.json_response({"model_version": model.version, "results": results})
@@ -315,18 +323,17 @@ def _decode_and_validate(raw: bytes, n_columns: int, n_features: int,
     return parse_predict(body, n_columns, n_features, limits)
 
 
-def _chunks(items: list[PredictItem], n: int) -> list[list[PredictItem]]:
-    """Split into at most ``n`` chunks of similar total size (rows or windows)."""
-    n = max(1, min(n, len(items)))
-    sizes = [it.data.shape[0] for it in items]
-    order = sorted(range(len(items)), key=lambda i: -sizes[i])
+def _chunks(n_items: int, sizes: list[int], n: int) -> list[list[int]]:
+    """Indices split into at most ``n`` chunks of similar total size (rows or windows)."""
+    n = max(1, min(n, n_items))
+    order = sorted(range(n_items), key=lambda i: -sizes[i])
     bins: list[list[int]] = [[] for _ in range(n)]
     load = [0] * n
     for i in order:
         b = load.index(min(load))
         bins[b].append(i)
         load[b] += sizes[i]
-    return [[items[i] for i in sorted(b)] for b in bins if b]
+    return [sorted(b) for b in bins if b]
 
 
 def _model_summary(meta: dict[str, Any], active: str) -> dict[str, Any]:

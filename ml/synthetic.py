@@ -11,6 +11,7 @@ learn. Nothing here is a model of real pathology.
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def synthetic_recording(stride_s: float = 1.1, seconds: float = 60.0, *,
     """
     rng = np.random.default_rng(seed)
     fs = 100.0
-    n = int(round(seconds * fs))
+    n = round(seconds * fs)
     t = np.arange(n) / fs
     heel_share = 0.12 if parkinsonian else 0.35
     dip = 0.05 if parkinsonian else 0.25
@@ -53,7 +54,7 @@ def synthetic_recording(stride_s: float = 1.1, seconds: float = 60.0, *,
     for foot, shift in ((0, 0.0), (1, 0.5)):
         force = np.zeros(n)
         sensors = np.zeros((n, 8))
-        for a, b in zip(onsets[:-1], onsets[1:], strict=True):
+        for a, b in itertools.pairwise(onsets):
             start = a + shift * (b - a)
             stance = stance_fraction * (b - a)
             i0, i1 = int(np.ceil(start * fs)), int(np.floor((start + stance) * fs))

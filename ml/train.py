@@ -416,11 +416,19 @@ def _tutorial_knn(ds: Dataset, seed: int, folds: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- driver
 
 
+def _overall(meta: pd.DataFrame, run: CVResult, seed: int) -> dict[str, Any]:
+    y = meta.label.to_numpy()
+    m = binary_metrics(y, run.nested - run.threshold + 0.5, 0.5)
+    m["auc"] = binary_metrics(y, run.nested, 0.5)["auc"]
+    return {"seed": seed, **{k: m[k] for k in ("auc", "balanced_accuracy", "sensitivity",
+                                               "specificity")}, "chosen": run.chosen}  # fmt: skip
+
+
 def train(data_dir: str | Path, out_dir: str | Path, *, folds: int = 5, inner_folds: int = 4,
           seed: int = 0, leaky: bool = False, window_s: float = F.DEFAULT_WINDOW_S,
           step_s: float = F.DEFAULT_STEP_S, candidates: Sequence[str] | None = None,
           jobs: int = 2, n_boot: int = 1000, ids: Sequence[str] | None = None,
-          ) -> Path:  # fmt: skip
+          repeats: int = 1) -> Path:  # fmt: skip
     """Run the whole procedure; returns the new model's version directory."""
     from .artifact import save_model
     from .report import write_report
@@ -444,8 +452,13 @@ def train(data_dir: str | Path, out_dir: str | Path, *, folds: int = 5, inner_fo
             f"data sha256 {ds.data_hash[:12]}"
         )
         t_cv = time.perf_counter()
-        cv = nested_cv(ds, folds=folds, inner_folds=inner_folds, seed=seed,
-                       candidates=candidates, jobs=jobs)  # fmt: skip
+        runs = []
+        for r in range(repeats):
+            if repeats > 1:
+                log(f"repeat {r + 1}/{repeats} (seed {seed + r})")
+            runs.append(nested_cv(ds, folds=folds, inner_folds=inner_folds, seed=seed + r,
+                                  candidates=candidates, jobs=jobs))  # fmt: skip
+        cv = runs[0]
         cv_seconds = time.perf_counter() - t_cv
         table = evaluation_table(meta, cv.nested, cv.threshold, cv.fold_of, n_boot, seed)
         overall = table[table.slice == "overall"].iloc[0]
@@ -454,12 +467,25 @@ def train(data_dir: str | Path, out_dir: str | Path, *, folds: int = 5, inner_fo
             f"balanced accuracy {overall.balanced_accuracy:.3f} "
             f"[{overall.balanced_accuracy_lo:.3f}, {overall.balanced_accuracy_hi:.3f}]"
         )
+        repeat_rows = [_overall(meta, run, seed + r) for r, run in enumerate(runs)]
+        if repeats > 1:
+            aucs = [row["auc"] for row in repeat_rows]
+            bals = [row["balanced_accuracy"] for row in repeat_rows]
+            log(f"over {repeats} repeats: AUC {np.mean(aucs):.3f} +- {np.std(aucs):.3f}, "
+                f"balanced accuracy {np.mean(bals):.3f} +- {np.std(bals):.3f}")  # fmt: skip
         cand_rows = []
-        for c, p in cv.per_candidate.items():
-            m = binary_metrics(meta.label.to_numpy(), p - cv.threshold + 0.5, 0.5)
-            m["auc"] = binary_metrics(meta.label.to_numpy(), p, 0.5)["auc"]
-            cand_rows.append({"candidate": c, "members": "+".join(CANDIDATES[c]), **m,
-                              "times_chosen": cv.chosen.count(c)})  # fmt: skip
+        y_all = meta.label.to_numpy()
+        for c in cv.per_candidate:
+            per_run = []
+            for run in runs:
+                p = run.per_candidate[c]
+                m = binary_metrics(y_all, p - run.threshold + 0.5, 0.5)
+                m["auc"] = binary_metrics(y_all, p, 0.5)["auc"]
+                per_run.append(m)
+            row = {k: float(np.mean([m[k] for m in per_run])) for k in
+                   ("auc", "balanced_accuracy", "sensitivity", "specificity")}  # fmt: skip
+            cand_rows.append({"candidate": c, "members": "+".join(CANDIDATES[c]), **row,
+                              "times_chosen": sum(run.chosen.count(c) for run in runs)})  # fmt: skip
         cand_table = pd.DataFrame(cand_rows).sort_values("auc", ascending=False)
         final = str(cand_table.iloc[0]["candidate"])
         log(f"final candidate (best outer-CV AUC): {final}; fitting on all data")
@@ -478,7 +504,7 @@ def train(data_dir: str | Path, out_dir: str | Path, *, folds: int = 5, inner_fo
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "training_data": {
             "sha256": ds.data_hash,
-            "n_recordings": int(len(meta)),
+            "n_recordings": len(meta),
             "n_subjects": int(meta.subject.nunique()),
             "n_windows": int(n_win),
             "n_parkinson_recordings": int(meta.label.sum()),
@@ -500,6 +526,7 @@ def train(data_dir: str | Path, out_dir: str | Path, *, folds: int = 5, inner_fo
             "subject_level": subject_level,
             "candidates": cand_table.to_dict(orient="records"),
             "chosen_per_fold": cv.chosen,
+            "repeats": repeat_rows,
             "leaky": leak,
         },
         "timing_seconds": {
@@ -536,13 +563,15 @@ def main(argv: list[str] | None = None) -> int:
                          f"(default {','.join(DEFAULT_CANDIDATES)})")  # fmt: skip
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="repeat the nested CV with seeds seed..seed+N-1 (mean +- sd reported)")
     args = ap.parse_args(argv)
     try:
         train(
             args.data, args.out, folds=args.folds, inner_folds=args.inner_folds, seed=args.seed,
             leaky=args.leaky, window_s=args.window, step_s=args.step,
             candidates=args.candidates.split(",") if args.candidates else None,
-            jobs=args.jobs, n_boot=args.bootstrap,
+            jobs=args.jobs, n_boot=args.bootstrap, repeats=args.repeats,
         )  # fmt: skip
     except (D.DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -12,10 +12,11 @@ The job spec (JSON, inline or a file on HDFS / any Hadoop file system):
 
 ``job_id``        ``[A-Za-z0-9_.-]{1,64}`` (the launcher names the application
                   ``gaitflow-features-<id>``)
-``inputs``        Parquet files or globs of the raw lake (handlers/README.md §1), e.g.
-                  ``<root>/date=*/recording=GaCo01_01/part-*.parquet`` (incremental: every
-                  committed segment of each affected recording) or
-                  ``<root>/date=*/recording=*/part-*.parquet`` (full: the whole lake)
+``inputs``        directories (or globs of directories) of the raw lake (handlers/README.md
+                  §1), read recursively for ``part-*.parquet`` files (names starting with
+                  ``_`` or ``.``, e.g. files being written, are skipped), e.g.
+                  ``<root>/date=*/recording=GaCo01_01`` (incremental: every committed
+                  segment of each affected recording) or ``<root>`` (full: the whole lake)
 ``output``        directory for the features; overwritten; Spark writes ``_SUCCESS`` last
 ``features``      ``"windows"`` (``ml.features.features_frame``, default) or ``"baseline"``
                   (``ml.features.baseline_frame``: the tutorial's per-100-row means)
@@ -32,7 +33,8 @@ follows handlers/README.md §4: ``recording, window, window_key, seq_first,
 seq_last`` then one float64 column per feature name.
 
 It talks to its launcher through stdout lines ``@gaitflow {json}``: ``started``
-(application id, UI URL), then ``done`` (recordings and rows read, seconds) or
+(application id, UI URL), then ``done`` (recordings and rows read, seconds, seconds
+spent in the feature function summed over workers) or
 ``failed`` (a one-line error; the traceback goes to stderr). Exit status: 0 done,
 1 the job failed, 2 the spec is invalid.
 
@@ -183,7 +185,7 @@ def spec_from_args(args: argparse.Namespace, read_text: Any = None) -> JobSpec:
         if not args.output:
             raise SpecError("--full needs --output")
         return JobSpec.from_dict({
-            "job_id": args.job_id, "inputs": [f"{root}/date=*/recording=*/part-*.parquet"],
+            "job_id": args.job_id, "inputs": [root],
             "output": args.output, "features": args.features})
     try:
         doc = json.loads(text)
@@ -250,20 +252,29 @@ def run(spark: Any, spec: JobSpec) -> dict[str, Any]:
 
     sc = spark.sparkContext
     rows_in, recordings_in = sc.accumulator(0), sc.accumulator(0)
+    busy = sc.accumulator(0.0)  # seconds inside the feature function, all workers
 
     def per_recording(pdf: pd.DataFrame) -> pd.DataFrame:
+        t0 = time.perf_counter()
+        out = recording_features(pdf, spec)
         rows_in.add(len(pdf))
         recordings_in.add(1)
-        return recording_features(pdf, spec)
+        busy.add(time.perf_counter() - t0)
+        return out
 
-    raw = spark.read.schema(raw_schema()).parquet(*spec.inputs)
+    # Inputs are directories (or globs of them): their part-*.parquet files are listed
+    # on the driver, recursively, without partition discovery (date=, recording= are
+    # not columns: recording is in the data).
+    raw = (spark.read.schema(raw_schema()).option("recursiveFileLookup", "true")
+           .option("pathGlobFilter", "part-*.parquet").parquet(*spec.inputs))
     raw = raw.where(F.col("recording").isNotNull() & F.col("seq").isNotNull()
                     & (F.col("seq") >= 0))
     if spec.recordings is not None:
         raw = raw.where(F.col("recording").isin(spec.recordings))
     out = raw.groupBy("recording").applyInPandas(per_recording, output_schema(spec.features))
     out.write.mode("overwrite").option("compression", "zstd").parquet(spec.output)
-    return {"rows": rows_in.value, "recordings": recordings_in.value}
+    return {"rows": rows_in.value, "recordings": recordings_in.value,
+            "feature_seconds": round(busy.value, 3)}
 
 
 def _read_text(spark: Any, url: str) -> str:

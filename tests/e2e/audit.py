@@ -139,12 +139,20 @@ def cassandra_windows(keyspace: str, table: str = "window_features") -> Counter[
     return Counter(rec for rec, _ in cassandra_window_keys(keyspace, table))
 
 
-def cassandra_window_keys(keyspace: str, table: str = "window_features") -> list[tuple[str, int]]:
-    """Every ``(recording, window)`` primary key in the features table (blocking)."""
-    from cassandra.cluster import Cluster
+def _cassandra_cluster() -> Any:
+    """A driver Cluster for 127.0.0.1 (an execution profile: the legacy load-balancing
+    argument is deprecated, and warnings are errors in the tests)."""
+    from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
     from cassandra.policies import RoundRobinPolicy
 
-    cluster = Cluster(["127.0.0.1"], protocol_version=5, load_balancing_policy=RoundRobinPolicy())
+    profile = ExecutionProfile(load_balancing_policy=RoundRobinPolicy(), request_timeout=30)
+    return Cluster(["127.0.0.1"], protocol_version=5,
+                   execution_profiles={EXEC_PROFILE_DEFAULT: profile})
+
+
+def cassandra_window_keys(keyspace: str, table: str = "window_features") -> list[tuple[str, int]]:
+    """Every ``(recording, window)`` primary key in the features table (blocking)."""
+    cluster = _cassandra_cluster()
     try:
         session = cluster.connect()
         rows = session.execute(f'SELECT recording, "window" FROM "{keyspace}"."{table}"')
@@ -224,11 +232,7 @@ async def cleanup(names: RunNames) -> None:
             await es.close()
 
     def drop_keyspace() -> None:
-        from cassandra.cluster import Cluster
-        from cassandra.policies import RoundRobinPolicy
-
-        cluster = Cluster(["127.0.0.1"], protocol_version=5,
-                          load_balancing_policy=RoundRobinPolicy())
+        cluster = _cassandra_cluster()
         try:
             cluster.connect().execute(f'DROP KEYSPACE IF EXISTS "{names.keyspace}"')
         finally:

@@ -110,10 +110,11 @@ async def test_replayed_recordings_reach_every_store_exactly_once(model_dir: Pat
     model_port, admin_port = free_port(), free_port()
     logs = tmp_path / "logs"
     logs.mkdir()
+    serve_log = (logs / "serve.log").open("wb")
+    pipeline_log = (logs / "pipeline.log").open("wb")
     server = subprocess.Popen(  # noqa: ASYNC220 - not waited on here
         [sys.executable, "-m", "ml.serve", "--model", str(model_dir), "--host", "127.0.0.1",
-         "--port", str(model_port)], cwd=ROOT, stdout=(logs / "serve.log").open("wb"),
-        stderr=subprocess.STDOUT)
+         "--port", str(model_port)], cwd=ROOT, stdout=serve_log, stderr=subprocess.STDOUT)
     pipeline = None
     try:
         await wait_ready(f"http://127.0.0.1:{model_port}/healthz", server, "the model server")
@@ -122,8 +123,8 @@ async def test_replayed_recordings_reach_every_store_exactly_once(model_dir: Pat
         argv = [sys.executable, "run.py", "--settings", "settings.toml"]
         for s in sets:
             argv += ["--set", s]
-        pipeline = subprocess.Popen(argv, cwd=ROOT,  # noqa: ASYNC220 stdout=(logs / "pipeline.log").open("wb"),
-                                    stderr=subprocess.STDOUT)
+        pipeline = subprocess.Popen(argv, cwd=ROOT,  # noqa: ASYNC220
+                                    stdout=pipeline_log, stderr=subprocess.STDOUT)
         await wait_ready(f"http://127.0.0.1:{admin_port}/readyz", pipeline, "the pipeline")
 
         table = list_recordings(data_dir())
@@ -179,4 +180,6 @@ async def test_replayed_recordings_reach_every_store_exactly_once(model_dir: Pat
         if pipeline is not None:
             stop(pipeline)
         stop(server)
+        serve_log.close()
+        pipeline_log.close()
         await cleanup(names)

@@ -81,7 +81,7 @@ async def lake(stack_service: Callable[[str], Any]) -> AsyncIterator[dict[str, A
 async def spark_features(lake: dict[str, Any], feature_set: str) -> pd.DataFrame:
     url = lake["hdfs"].address()
     spec = {"job_id": f"parity-{feature_set}",
-            "inputs": [f"{url}{lake['root']}/raw/date=*/recording=*/part-*.parquet"],
+            "inputs": [f"{url}{lake['root']}/raw"],
             "output": f"{url}{lake['root']}/features/job=parity-{feature_set}",
             "features": feature_set}
     attempt, table = await run_features_job(spec, lake["settings"])

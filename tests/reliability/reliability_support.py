@@ -315,6 +315,21 @@ class PipelineProcess(_Process):
     async def wait_ready(self, timeout: float = 180.0) -> float:
         return await self._wait_http(f"{self.admin}/readyz", timeout)
 
+    async def wait_running(self, timeout: float = 180.0) -> float:
+        """Until every handler started (the runtime is "running"), connected or not: an
+        outage elsewhere (another test restarting a shared service) must not stall a
+        test that is not about readiness."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if not self.alive:
+                raise AssertionError(f"{self.what} exited with {self.proc.returncode} before "
+                                     f"it was running\n{self.tail()}")
+            code, text = await http("GET", f"{self.admin}/healthz", timeout=2)
+            if code == 200 and json.loads(text).get("state") == "running":
+                return time.monotonic() - t0
+            await asyncio.sleep(0.3)
+        raise AssertionError(f"{self.what} not running after {timeout:.0f} s\n{self.tail()}")
+
     async def ready(self) -> bool:
         status, _ = await http("GET", f"{self.admin}/readyz", timeout=3)
         return status == 200
@@ -556,6 +571,29 @@ async def audit_stores(names: RunNames, recs: Mapping[str, np.ndarray], *,
         es = await audit.es_diagnoses(names.es_index)
         stores.append(compare("elasticsearch", ((k, k) for k in es), one))
     return Audit(stores)
+
+
+async def wait_raw_complete(names: RunNames, recs: Mapping[str, np.ndarray],
+                            pipeline: PipelineProcess, timeout: float = 180.0) -> float:
+    """Wait until the lake and Kafka hold every sample (not checking duplicates yet)."""
+    want = {rec: len(rows) for rec, rows in recs.items()}
+    t0 = time.monotonic()
+    have: dict[str, dict[str, int]] = {}
+    while time.monotonic() - t0 < timeout:
+        if not pipeline.alive:
+            raise AssertionError(f"the pipeline exited ({pipeline.proc.returncode})\n"
+                                 f"{pipeline.tail()}")
+        with contextlib.suppress(Exception):
+            lake = await audit.lake_samples(WEBHDFS, names.lake_root)
+            kafka = await audit.kafka_samples(KAFKA, names.kafka_topic, timeout=30)
+            have = {"lake": dict(Counter(lake.column("recording").to_pylist())),
+                    "kafka": dict(Counter(kafka.column("recording").to_pylist()))}
+            if all(all(v.get(r, 0) >= n for r, n in want.items()) for v in have.values()):
+                return time.monotonic() - t0
+        await asyncio.sleep(2.0)
+    status = await pipeline.status()
+    raise AssertionError(f"raw samples after {timeout:.0f} s: {have}; expected {want}\n"
+                         f"status: {json.dumps(_brief(status))[:3000]}\n{pipeline.tail()}")
 
 
 async def diagnosed(names: RunNames) -> tuple[set[str], set[str]]:

@@ -32,6 +32,7 @@ class FakeHdfs:
         self.fail: Counter[str] = Counter()          # op -> failures to inject
         self.fail_paths: Counter[str] = Counter()    # path substring -> failures to inject
         self.torn_creates = 0                        # creates that write half, then fail
+        self.lost_renames = 0                        # renames done whose answer is lost
         self.ops: Counter[str] = Counter()
         self.max_visible_dups = 0
         self._cache: dict[bytes, list[tuple[str, int]]] = {}
@@ -102,6 +103,9 @@ class FakeHdfs:
             return False
         self.files[dst] = self.files.pop(src)
         self.check()
+        if self.lost_renames:
+            self.lost_renames -= 1
+            raise WebHdfsError("RENAME", src, "read timed out", transient=True)
         return True
 
     # checks -------------------------------------------------------------------
@@ -354,6 +358,17 @@ async def test_a_half_written_temporary_file_is_cleaned_up(fs: FakeHdfs) -> None
     rt = pipeline(steps("A", range(100), 50), roll_rows=50, flush_attempts=3)
     assert (await rt.run()).ok
     assert_exactly(fs, {"A": range(100)})
+    assert not fs.leftovers() and rt.handlers["dlq"].row_count == 0
+
+
+async def test_a_rename_whose_answer_was_lost_loses_nothing(fs: FakeHdfs) -> None:
+    # 0..29 visible; the merge with 30..59 is renamed into place but the answer never
+    # comes: the retry must find the new file, not overwrite it with 30..59 alone
+    assert (await pipeline(steps("A", range(30), 30), roll_rows=100).run()).ok
+    fs.lost_renames = 1
+    rt = pipeline(steps("A", range(30, 60), 30), roll_rows=100, flush_attempts=3)
+    assert (await rt.run()).ok
+    assert_exactly(fs, {"A": range(60)})
     assert not fs.leftovers() and rt.handlers["dlq"].row_count == 0
 
 

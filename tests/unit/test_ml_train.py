@@ -127,7 +127,7 @@ def test_demographics_and_study_are_never_inputs(synth_dir: Path, tmp_path: Path
     #    study's (and group's) name has the same features
     other = tmp_path / "renamed"
     other.mkdir()
-    src = sorted(synth_dir.glob("GaCo*_01.txt.gz"))[0]
+    src = min(synth_dir.glob("GaCo*_01.txt.gz"))
     shutil.copy(src, other / "SiPt77_04.txt.gz")
     shutil.copy(src, other / src.name)
     ds2 = T.load_dataset(other, series=False, jobs=1)
@@ -195,7 +195,7 @@ def test_cv_predictions_are_out_of_fold_by_subject(trained: Path) -> None:
 def test_saved_model_loads_and_predicts(trained: Path, synth_dir: Path) -> None:
     loaded = load_model(trained.parent)  # via LATEST
     assert loaded.version == trained.name
-    x = D.load_recording(sorted(synth_dir.glob("GaPt*"))[0])
+    x = D.load_recording(min(synth_dir.glob("GaPt*")))
     pred = loaded.model.predict_rows(x)
     assert 0.0 <= pred.probability <= 1.0 and pred.label in {"parkinson", "control"}
     assert len(pred.window_probabilities) == len(F.window_starts(len(x)))

@@ -301,8 +301,8 @@ async def test_features_emitted_per_recording_and_events_committed(
     spec = call["spec"]
     assert spec["recordings"] == ["GaCo01_01", "GaPt03_01"]
     assert spec["inputs"] == [  # every segment of each recording, not only the new ones
-        "hdfs://fake:8020/lake/raw/date=*/recording=GaCo01_01/part-*.parquet",
-        "hdfs://fake:8020/lake/raw/date=*/recording=GaPt03_01/part-*.parquet"]
+        "hdfs://fake:8020/lake/raw/date=*/recording=GaCo01_01",
+        "hdfs://fake:8020/lake/raw/date=*/recording=GaPt03_01"]
     assert spec["output"] == f"hdfs://fake:8020/features/job={spec['job_id']}"
     assert "--spec-json" in call["argv"] and "--py-files" in call["argv"]
     assert call["env"]["FAKE_EXTRA"] == "yes" and call["env"]["PYSPARK_PYTHON"]
@@ -323,7 +323,7 @@ async def test_paths_with_a_scheme_and_large_specs_via_hdfs(
     [call] = cluster.calls()
     assert "--spec" in call["argv"] and "--spec-json" not in call["argv"]
     assert call["spec"]["inputs"] == [
-        "hdfs://other:9000/lake/date=*/recording=GaCo02_01/part-*.parquet"]
+        "hdfs://other:9000/lake/date=*/recording=GaCo02_01"]
     job = call["spec"]["job_id"]
     assert not cluster.local(f"/features/_specs/{job}.json").exists()  # spec removed
     assert cluster.local(f"/features/job={job}/_SUCCESS").exists()      # output kept

@@ -78,7 +78,7 @@ def test_full_mode_reads_the_whole_lake() -> None:
                               output="hdfs://nn:8020/f/job=all", features="baseline",
                               job_id="all")
     s = spec_from_args(args)
-    assert s.inputs == ["hdfs://nn:8020/gaitflow/raw/date=*/recording=*/part-*.parquet"]
+    assert s.inputs == ["hdfs://nn:8020/gaitflow/raw"]
     assert s.features == "baseline" and s.recordings is None
     with pytest.raises(SpecError, match="not JSON"):
         spec_from_args(argparse.Namespace(spec=None, spec_json="{", full=None))
