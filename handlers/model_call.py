@@ -49,11 +49,15 @@ Behaviour and guarantees
       ``CircuitOpenError`` for ``breaker_cooldown`` seconds. Then it is half-open:
       one probe (a real request, or ``GET /healthz`` in the background when there is
       no traffic) closes it on success or reopens it on failure.
-    * **4xx** (bad input: 400, 404 unknown model, 413, 422): the recording's rows are
-      dead-lettered with the server's status and message, never retried. When a
-      request holding several recordings is refused, each is re-sent alone so only
-      the culprit is dead-lettered. 401/403 are configuration errors: the batch fails
-      (runtime retry, then dead letter) and readiness reports it.
+    * **4xx** (bad input: 400, 413, 422...): the recording's rows are dead-lettered
+      with the server's status, error code, message and field, never retried. When
+      a request holding several recordings is refused, each is re-sent alone so
+      only the culprit is dead-lettered. 401, 403, 404 and 405 are configuration
+      errors (token, url): the batch fails (runtime retry, then dead letter) and
+      readiness reports it.
+    * **At start** (``check_at_start``) ``GET /v1/models`` must answer (with
+      ``retry_policy``), and the server's ``feature_names`` must equal ``features``;
+      otherwise the start fails with the difference.
     * **Model version**: every diagnosis carries the ``model_version`` that computed it.
     * NaN features are sent as JSON ``null``; rows with a null ``recording`` are
       dead-lettered; a batch missing feature columns is rejected whole.
@@ -92,7 +96,7 @@ DIAGNOSIS_SCHEMA = pa.schema([
 #: statuses that say "try again later", not "your input is wrong"
 RETRY_STATUSES = frozenset({408, 425, 429})
 #: statuses that say "this client is misconfigured"
-CONFIG_STATUSES = frozenset({401, 403, 405})
+CONFIG_STATUSES = frozenset({401, 403, 404, 405})
 
 
 class ModelServerError(Exception):
@@ -283,8 +287,13 @@ def _error_message(body: bytes) -> str:
     if isinstance(doc, dict):
         for name in ("error", "message", "detail"):
             value = doc.get(name)
-            if isinstance(value, dict):
-                value = value.get("message") or value.get("reason") or json.dumps(value)
+            if isinstance(value, dict):  # ml.serve: {"error": {"code", "message", "field"}}
+                text = str(value.get("message") or value.get("reason") or json.dumps(value))
+                if value.get("code"):
+                    text = f"{value['code']}: {text}"
+                if value.get("field"):
+                    text += f" (at {value['field']})"
+                return text[:1000]
             if value:
                 return str(value)[:1000]
     return json.dumps(doc)[:500]
@@ -325,6 +334,12 @@ class ModelCall(Processor):
                         "model.start_retry", attempt=n, delay_s=round(pause, 3),
                         error=str(exc)))
                 self.model_version = self._version_of(models)
+                served = models.get("feature_names") if isinstance(models, dict) else None
+                if isinstance(served, list) and served != self.features:
+                    raise ValueError(
+                        f"model server {s.url} (model {self.model_version}) expects "
+                        f"{len(served)} features {_names(served)}, the settings send "
+                        f"{len(self.features)} {_names(self.features)}: fix `features`")
         except BaseException:
             await self._session.close()
             self._session = None
@@ -414,7 +429,7 @@ class ModelCall(Processor):
     @staticmethod
     def _version_of(models: Any) -> str | None:
         if isinstance(models, dict):
-            for name in ("model_version", "version"):
+            for name in ("active", "model_version", "version"):
                 if isinstance(models.get(name), str):
                     return models[name]
             items = models.get("models") or models.get("data")
@@ -622,6 +637,10 @@ class ModelCall(Processor):
                                                                       result.get("windows")))
             cols["diagnosed_at"].append(now)
         return pa.table(cols, schema=DIAGNOSIS_SCHEMA)
+
+
+def _names(names: Sequence[str]) -> str:
+    return f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
 
 
 def _float(value: Any) -> float | None:

@@ -973,8 +973,16 @@ class SparkJob(Processor):
         return "; ".join(parts)
 
     def status(self) -> dict[str, Any]:
-        """Jobs running and recent, pending segments: what ``/api/spark_jobs`` shows."""
-        return {"pending_segments": len(self._pending),
+        """Jobs running and recent, pending segments: what ``/api/spark_jobs`` and the
+        dashboard show (``progress``: tasks done of total of each running job)."""
+        progress = []
+        for top in self._running.values():
+            job = top.active or top
+            if job.attempts:
+                a = job.attempts[-1]
+                progress.append({"done": a.tasks_done, "total": a.tasks_total,
+                                 "label": f"job {job.job_id} attempt {a.number} tasks"})
+        return {"pending_segments": len(self._pending), "progress": progress,
                 "running": [j.as_dict() for j in self._running.values()],
                 "recent": [j.as_dict() for j in reversed(self._history)]}
 

@@ -10,8 +10,9 @@ fast as the broker takes it. Messages are published with QoS 1.
 
 Payload formats (the mqtt_source handler accepts both):
 
-* ``sample``: one JSON object per sample, as the original tutorial sent them:
-  ``{"Patient": "GaCo01_01", "time": 0.01, "L1": ..., "R8": ..., "L": ..., "R": ...}``
+* ``sample``: one JSON object per sample, as the original tutorial sent them, plus
+  the sample's sequence number:
+  ``{"Patient": "GaCo01_01", "seq": 1, "time": 0.01, "L1": ..., "R8": ..., "L": ..., "R": ...}``
 * ``batch``: ``{"device": "insole-GaCo01_01", "recording": "GaCo01_01",
   "seq": <first sequence number>, "rows": [[19 numbers], ...]}``
 
@@ -64,8 +65,11 @@ def encode_messages(recording: str, rows: np.ndarray, fmt: str,
     """(offset in seconds from the recording's start, payload) for each message."""
     device = f"insole-{recording}"
     if fmt == "sample":
-        for r in rows:
-            obj = {"Patient": recording, **{c: float(v) for c, v in zip(COLUMNS, r)}}
+        for seq, r in enumerate(rows):
+            # "seq" is our addition to the tutorial's format: gaitpdb's clock is not
+            # exactly 100 Hz, so round(time * 100) collides about 50 times a recording
+            obj = {"Patient": recording, "seq": seq,
+                   **{c: float(v) for c, v in zip(COLUMNS, r)}}
             yield float(r[0]), json.dumps(obj, separators=(",", ":")).encode()
     elif fmt == "batch":
         for start in range(0, len(rows), batch_rows):

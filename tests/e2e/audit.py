@@ -98,38 +98,40 @@ async def lake_samples(webhdfs_url: str, root: str) -> pa.Table:
 
 async def kafka_samples(bootstrap: str, topic: str, timeout: float = 20.0) -> pa.Table:
     """Every row in a kafka_sink topic, decoded."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import AIOKafkaConsumer
 
     from handlers.arrow_codec import decode
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+    empty = pa.table({"recording": pa.array([], pa.string()), "seq": pa.array([], pa.int64())})
+    # subscribed without a group: aiokafka fetches the topic's metadata and assigns every
+    # partition (partitions_for_topic() right after start() knows no topic yet)
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 auto_offset_reset="earliest")
     await consumer.start()
     try:
-        # let aiokafka's no-group task start (stop() awaits it: cancelled before its first
-        # step it raises CancelledError), and fetch metadata for every topic: right after
-        # start() the client knows none, so partitions_for_topic would say "no partitions"
-        await asyncio.sleep(0)
-        await consumer.topics()
-        parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in parts]
-        if not tps:
-            return pa.table({"recording": pa.array([], pa.string()),
-                             "seq": pa.array([], pa.int64())})
-        consumer.assign(tps)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if topic not in await consumer.topics():
+            return empty
+        while not consumer.assignment():
+            if loop.time() > deadline:
+                raise TimeoutError(f"kafka topic {topic}: no partition assigned in {timeout} s")
+            await asyncio.sleep(0.1)
+        tps = sorted(consumer.assignment())
         await consumer.seek_to_beginning(*tps)
         end = await consumer.end_offsets(tps)
         tables = []
-        deadline = asyncio.get_running_loop().time() + timeout
-        while any(await consumer.position(tp) < end[tp] for tp in tps):
-            if asyncio.get_running_loop().time() > deadline:
+        while any([await consumer.position(tp) < end[tp] for tp in tps]):
+            if loop.time() > deadline:
                 raise TimeoutError(f"kafka topic {topic}: not read to its end in {timeout} s")
             batch = await consumer.getmany(timeout_ms=1000)
             for msgs in batch.values():
                 for m in msgs:
-                    tables.append(decode(m.value).table.select(["recording", "seq"]))
-        return pa.concat_tables(tables) if tables else pa.table(
-            {"recording": pa.array([], pa.string()), "seq": pa.array([], pa.int64())})
+                    data = decode(m.value).data
+                    if isinstance(data, pa.RecordBatch):
+                        data = pa.Table.from_batches([data])
+                    tables.append(data.select(["recording", "seq"]))
+        return pa.concat_tables(tables) if tables else empty
     finally:
         await consumer.stop()
 

@@ -21,12 +21,12 @@ for _p in (HERE, E2E):  # reliability_support and the end-to-end audit helpers
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from audit import RunNames, cleanup  # noqa: E402
+import reliability_support as rs
+from audit import RunNames, cleanup
 
-import reliability_support as rs  # noqa: E402
-from stack import services  # noqa: E402
-from stack.config import StackConfig, load  # noqa: E402
-from stack.service import Service  # noqa: E402
+from stack import services
+from stack.config import StackConfig, load
+from stack.service import Service
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -44,7 +44,7 @@ def feature_batch(recording: str, rows: np.ndarray) -> pa.Table:
     frame.insert(0, "seq", np.arange(len(rows), dtype=np.int64))
     frame.insert(0, "recording_id", recording)
     f = features_frame(frame)
-    window_rows = int(round(DEFAULT_WINDOW_S * FS))
+    window_rows = round(DEFAULT_WINDOW_S * FS)
     out = pd.DataFrame({
         "recording": f["recording_id"].astype(str),
         "window": f["window"].astype("int64"),

@@ -38,8 +38,8 @@ ROOT = HERE.parents[1]
 if str(ROOT / "tests" / "e2e") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 
-import audit  # noqa: E402
-from audit import RunNames  # noqa: E402
+import audit
+from audit import RunNames
 
 #: two controls and two patients from two studies (the end-to-end test's subset)
 RECORDINGS = ("GaCo01_01", "GaPt03_01", "JuCo01_01", "JuPt01_01")
@@ -75,7 +75,7 @@ def load_recordings(ids: Iterable[str], seconds: float | None) -> dict[str, np.n
     if missing:
         raise RuntimeError(f"recordings not found under {data_dir()}: {missing}")
     if seconds is not None:
-        recs = {k: v[: int(round(seconds * 100))] for k, v in recs.items()}
+        recs = {k: v[: round(seconds * 100)] for k, v in recs.items()}
     return {k: recs[k] for k in ids}
 
 
@@ -149,7 +149,7 @@ class _Process:
         with self.log.open("ab") as fh:
             fh.write(f"\n==== start {self.starts + 1} at {time.strftime('%H:%M:%S')}: "
                      f"{' '.join(argv[:3])} ...\n".encode())
-            self.proc = subprocess.Popen(  # noqa: S603 - our own argv
+            self.proc = subprocess.Popen(
                 argv, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         self.starts += 1

@@ -20,10 +20,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+import reliability_support as rs
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
-
-import reliability_support as rs
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 

@@ -154,7 +154,7 @@ def check_file(path: Path, target: tuple[str, str] | None) -> tuple[int, str]:
     problems = [line.strip() for line in text.splitlines()[1:] if line.strip()]
     assert text.startswith(f"{path}: ") and problems, text
     for line in problems:
-        assert line.startswith(f"{path}:") or line.startswith("handler "), (
+        assert line.startswith((f"{path}:", "handler ")), (
             f"a problem that does not name the file: {line!r}")
     if target is not None:
         section, key = target

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import reliability_support as rs
 from audit import RunNames
 
-import reliability_support as rs
 from stack.service import Service
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]

@@ -99,11 +99,13 @@ class FakeModel:
             for rec in body["recordings"]:
                 if rec["id"] in self.refuse:
                     return web.json_response({"error": self.refuse[rec["id"]]}, status=400)
-                for w in rec["windows"]:
-                    if len(w["features"]) != len(FEATURES):
-                        return web.json_response(
-                            {"error": f"window {w['key']}: expected {len(FEATURES)} features, "
-                                      f"got {len(w['features'])}"}, status=400)
+                for j, w in enumerate(rec["windows"]):
+                    if len(w["features"]) != len(FEATURES):  # as ml.serve words it
+                        return web.json_response({"error": {
+                            "code": "wrong_feature_count",
+                            "message": f"{len(w['features'])} features; the model expects "
+                                       f"{len(FEATURES)}",
+                            "field": f"recordings[0].windows[{j}].features"}}, status=422)
             results = []
             for rec in body["recordings"]:
                 probs = [0.25 + 0.25 * (i % 3) for i, _ in enumerate(rec["windows"])]
@@ -117,8 +119,8 @@ class FakeModel:
             self.in_flight -= 1
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"models": [{"version": self.version,
-                                              "n_features": len(FEATURES)}]})
+        return web.json_response({"active": self.version, "versions": [{"version": self.version}],
+                                  "feature_names": FEATURES})
 
     async def healthz(self, request: web.Request) -> web.Response:
         self.health_checks += 1
@@ -294,13 +296,23 @@ async def test_4xx_dead_letters_only_the_refused_recording(server: FakeServer) -
 
 
 async def test_wrong_feature_count_is_refused_by_the_server(server: FakeServer) -> None:
-    rt = runtime(server, call={"features": ["f1", "f2"]})
+    # e.g. the server switched to a model with other features after the start
+    rt = runtime(server, call={"features": ["f1", "f2"], "check_at_start": False})
     table, meta = windows("GaPt01_01")
     report = await run_all(rt, [(table, meta)])
     assert report.ok
     dead = rt.handlers["dlq"].table().to_pylist()  # type: ignore[attr-defined]
     assert len(dead) == 3
-    assert "(400)" in dead[0]["reason"] and "expected 3 features, got 2" in dead[0]["reason"]
+    assert dead[0]["reason"] == (
+        "model server refused the input (422): wrong_feature_count: 2 features; the model "
+        "expects 3 (at recordings[0].windows[0].features)")
+
+
+async def test_start_fails_when_the_features_differ_from_the_model(server: FakeServer) -> None:
+    rt = runtime(server, call={"features": ["f1", "f3", "f2"]})
+    with pytest.raises(StartError, match=r"expects 3 features \(f1, f2, f3\), the settings "
+                                         r"send 3 \(f1, f3, f2\): fix `features`"):
+        await rt.run()
 
 
 async def test_5xx_is_retried(server: FakeServer) -> None:

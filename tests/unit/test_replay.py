@@ -19,7 +19,8 @@ def test_sample_format_is_the_tutorials():
     assert len(msgs) == 3
     obj = json.loads(msgs[2][1])
     assert obj["Patient"] == "GaCo01_01"
-    assert list(obj)[1:] == COLUMNS
+    assert obj["seq"] == 2
+    assert list(obj)[2:] == COLUMNS
     assert obj["time"] == pytest.approx(0.02)
     assert msgs[2][0] == pytest.approx(0.02)
 

@@ -590,8 +590,7 @@ async def test_status_health_and_admin_route(
                admin_extensions=["handlers.spark_job:admin_routes"])
     run = asyncio.create_task(rt.run())
     handler: SparkJob = rt.handlers["spark"]  # type: ignore[assignment]
-    await wait_for(lambda: handler.status()["running"]
-                   and handler.status()["running"][0]["attempts"][-1]["tasks_total"])
+    await wait_for(lambda: any(bar["total"] for bar in handler.status()["progress"]))
     connected, detail = handler.health()
     assert connected and "attempt 1/2" in detail and "/10 tasks" in detail
     assert rt.metrics.value("spark_tasks_total", "spark") == 10
@@ -602,6 +601,8 @@ async def test_status_health_and_admin_route(
         async with session.get(f"{rt.admin_url}/api/status") as resp:
             status = await resp.json()
     [running] = body["spark"]["running"]
+    [bar] = body["spark"]["progress"]  # drawn by the dashboard
+    assert bar["done"] == 5 and bar["total"] == 10
     assert running["attempts"][0]["app_id"] == "app-0"
     assert running["attempts"][0]["stages_total"] == 3
     assert "tasks" in status["handlers"]["spark"]["detail"]
