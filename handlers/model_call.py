@@ -81,7 +81,7 @@ import pyarrow.compute as pc
 from pipeline import Batch, PartialFailure, Processor, Reject, RetryPolicy, Secret, setting
 
 __all__ = ["DIAGNOSIS_SCHEMA", "CircuitBreaker", "CircuitOpenError", "ModelCall",
-           "ModelCallSettings", "ModelRejected", "ModelServerError"]
+           "ModelCallSettings", "ModelConfigError", "ModelRejected", "ModelServerError"]
 
 DIAGNOSIS_SCHEMA = pa.schema([
     pa.field("recording", pa.string(), nullable=False),
@@ -101,6 +101,10 @@ CONFIG_STATUSES = frozenset({401, 403, 404, 405})
 
 class ModelServerError(Exception):
     """The model server could not answer (connection, timeout, 5xx, bad reply)."""
+
+
+class ModelConfigError(Exception):
+    """The model server refused this client (401, 403, 404...): retrying will not help."""
 
 
 class CircuitOpenError(ModelServerError):
@@ -375,7 +379,8 @@ class ModelCall(Processor):
             await session.close()
 
     def _circuit_changed(self, state: str, error: str) -> None:
-        self.log.warning("model.circuit", state=state, error=error or None)
+        (self.log.info if state == "closed" else self.log.warning)(
+            "model.circuit", state=state, error=error or None)
         if "circuit" in self._m:
             self._m["circuit"].set(1.0 if state != "closed" else 0.0)
         if self._opened is not None:
@@ -393,14 +398,14 @@ class ModelCall(Processor):
         assert self._opened is not None
         while True:
             await self._opened.wait()
-            await asyncio.sleep(max(0.01, self.breaker.retry_after()))
+            await asyncio.sleep(max(0.05, self.breaker.retry_after()))
             try:
                 self.breaker.acquire()
             except CircuitOpenError:
                 continue  # a real request is the probe
             try:
                 await self._get("/healthz")
-            except ModelServerError as exc:
+            except (ModelServerError, ModelConfigError) as exc:
                 self.breaker.failure(exc)
             except BaseException:
                 self.breaker.failure("probe cancelled")
@@ -414,8 +419,10 @@ class ModelCall(Processor):
         try:
             async with self._session.get(self.settings.url.rstrip("/") + path) as resp:
                 body = await resp.read()
-                if resp.status >= 400:
+                if resp.status in RETRY_STATUSES or resp.status >= 500:
                     raise ModelServerError(f"GET {path}: {resp.status} {_error_message(body)}")
+                if resp.status >= 400:
+                    raise ModelConfigError(f"GET {path}: {resp.status} {_error_message(body)}")
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ModelServerError(f"GET {path}: {type(exc).__name__}: {exc}") from exc
         try:
@@ -480,7 +487,7 @@ class ModelCall(Processor):
                     message = f"model server refused this client ({status}): " \
                               f"{_error_message(body)}; check `token` and `url`"
                     self.set_connected(False, message)
-                    raise ModelServerError(message)
+                    raise ModelConfigError(message)
                 else:
                     self.breaker.success()
                     raise ModelRejected(status, _error_message(body))

@@ -497,7 +497,7 @@ async def run_features_job(spec: dict[str, Any], settings: SparkJobSettings | No
                            ) -> tuple[SparkAttempt, pa.Table | None]:
     """One run of ``spark/features_job.py`` outside a pipeline (benchmarks, tests):
     ``spec`` as the job takes it; returns the attempt and, on success, the features
-    read back from ``<features_root>/job=<job_id>`` (not deleted)."""
+    read back through WebHDFS from ``spec["output"]`` (left in place)."""
     s = settings or SparkJobSettings()
     with tempfile.TemporaryDirectory(prefix="gaitflow-spark-") as tmp:
         async with aiohttp.ClientSession() as session:

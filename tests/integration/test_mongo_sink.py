@@ -68,7 +68,9 @@ async def test_upsert_twice_gives_one_document_per_key(mongo: Any) -> None:
     assert indexes["diagnosed_at_-1"]["key"] == [("diagnosed_at", -1)]
 
 
-async def test_partial_failure_dead_letters_only_the_bad_rows(mongo: Any) -> None:
+@pytest.mark.parametrize("write_mode", ["auto", "upsert"])  # insert first / update commands
+async def test_partial_failure_dead_letters_only_the_bad_rows(mongo: Any, write_mode: str,
+                                                              ) -> None:
     client, uri, database = mongo
     rows = diagnoses(6)
     for i, row in enumerate(rows):
@@ -79,7 +81,8 @@ async def test_partial_failure_dead_letters_only_the_bad_rows(mongo: Any) -> Non
     rt = Runtime.from_dict(pipeline_doc({
         "src": {"type": "memory_source", "rows": rows, "batch_size": 10, "key": "recording",
                 "outputs": ["mongo"]},
-        "mongo": sink(uri, database, indexes=[{"keys": ["patient"], "unique": True}]),
+        "mongo": sink(uri, database, write_mode=write_mode,
+                      indexes=[{"keys": ["patient"], "unique": True}]),
     }))
     report = await rt.run()
     assert report.ok, report.errors

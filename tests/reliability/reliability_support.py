@@ -425,7 +425,8 @@ class Publisher:
     sent: int = 0
     reconnects: int = 0
 
-    def _client(self) -> Any:
+    def client(self) -> Any:
+        """A new aiomqtt client with these settings (not connected)."""
         import ssl
 
         import aiomqtt
@@ -447,7 +448,7 @@ class Publisher:
         i, last_progress = 0, time.monotonic()
         while i < len(schedule):
             try:
-                async with self._client() as client:
+                async with self.client() as client:
                     while i < len(schedule):
                         offset, topic, payload = schedule[i]
                         if speed > 0:

@@ -75,6 +75,7 @@ class FakeModel:
     refuse: dict[str, str] = dataclasses.field(default_factory=dict)  # id -> 400 message
     requests: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     health_checks: int = 0
+    model_calls: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
 
@@ -119,6 +120,11 @@ class FakeModel:
             self.in_flight -= 1
 
     async def models(self, request: web.Request) -> web.Response:
+        self.model_calls += 1
+        if self.token and request.headers.get("Authorization") != f"Bearer {self.token}":
+            return web.json_response({"error": {"code": "unauthorized",
+                                                "message": "missing or wrong bearer token"}},
+                                     status=401)
         return web.json_response({"active": self.version, "versions": [{"version": self.version}],
                                   "feature_names": FEATURES})
 
@@ -356,13 +362,18 @@ async def test_bearer_token(server: FakeServer) -> None:
     report = await run_all(rt, [windows("GaPt01_01")])
     assert report.ok and rt.handlers["out"].row_count == 1  # type: ignore[attr-defined]
 
-    rt = runtime(server, call={"token": "wrong"})
+    calls = server.model.model_calls
+    with pytest.raises(StartError, match=r"GET /v1/models: 401 unauthorized: missing or wrong"):
+        await runtime(server, call={"token": "not-the-token-4d1f"}).run()
+    assert server.model.model_calls == calls + 1  # not retried: it cannot get better
+
+    rt = runtime(server, call={"token": "not-the-token-4d1f", "check_at_start": False})
     report = await run_all(rt, [windows("GaPt01_01")])
     assert report.ok
     dead = rt.handlers["dlq"].table().to_pylist()  # type: ignore[attr-defined]
     assert len(dead) == 3 and "(401)" in dead[0]["reason"] and "check `token`" in \
         dead[0]["reason"]
-    assert "s3cret" not in repr(rt.status()) and "wrong" not in repr(rt.status()["settings"])
+    assert "s3cret" not in repr(rt.status()) and "not-the-token-4d1f" not in repr(rt.status())
     assert rt.handlers["model"].health()[0] is False
 
 
