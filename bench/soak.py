@@ -37,7 +37,10 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# not bench/ itself: bench/cassandra.py would shadow the cassandra driver
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != HERE]
 sys.path.insert(0, str(ROOT / "tests" / "reliability"))
 sys.path.insert(0, str(ROOT))
 
@@ -161,6 +164,11 @@ async def sample(pipeline: rs.PipelineProcess, names: RunNames, load: Load, t0: 
     spark = sum(rss_mb(p) for p in descendants(pipeline.pid or 0))
     mongo, _ = await rs.diagnosed(names)
     feats = (hs.get("features") or {}).get("detail", "")
+    failures = 0.0
+    for line in (await pipeline.metrics()).splitlines():
+        if line.startswith("gaitflow_spark_job_failures"):
+            failures += float(line.rsplit(" ", 1)[1])
+    peak["spark_failures"] = failures
     peak["rss"] = max(peak.get("rss", 0.0), rss)
     peak["lag"] = max(peak.get("lag", 0.0), lag)
     peak.setdefault("rss_first", rss)
@@ -169,7 +177,8 @@ async def sample(pipeline: rs.PipelineProcess, names: RunNames, load: Load, t0: 
     return (f"{el:6.0f}s sent {load.sent_rows:>8} rows ({load.sent_rows / max(el, 1e-9):6.0f}/s)"
             f" | RSS {rss:6.1f} MB (+spark {spark:6.1f}) | ack lag {lag:6.1f} s, "
             f"pending {ack.get('pending', 0)} | depth {busy or 0} | dead {dead} | "
-            f"diagnosed {len(mongo)}/{len(load.ended)} ended | {str(feats)[:60]}")
+            f"diagnosed {len(mongo)}/{len(load.ended)} ended | spark failed runs "
+            f"{failures:.0f} | {str(feats)[:50]}")
 
 
 async def soak(args: argparse.Namespace) -> int:
@@ -231,6 +240,7 @@ async def soak(args: argparse.Namespace) -> int:
         print(f"  pipeline RSS start {peak.get('rss_first', 0):.1f} MB, end "
               f"{peak.get('rss_last', 0):.1f} MB, peak {peak.get('rss', 0):.1f} MB")
         print(f"  peak ack lag {peak.get('lag', 0):.1f} s; dead letters {len(dead)}; "
+              f"Spark runs failed (retried) {peak.get('spark_failures', 0):.0f}; "
               f"exit status {stop_rc}")
         print(f"  samples lost {lost}, duplicated {dup}; every store exact: {result.ok}")
         rc = 0 if result.ok and not dead and lost == 0 and stop_rc == 0 else 1

@@ -242,7 +242,8 @@ def check_answer(what: str, status: int, raw: bytes) -> None:
 
 # --------------------------------------------------------------------------- tests
 @pytest.mark.timeout(600)
-@settings(max_examples=600, deadline=None, phases=[Phase.explicit, Phase.generate],
+@settings(max_examples=600, deadline=None, database=None,
+          phases=[Phase.explicit, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                  HealthCheck.large_base_example])
 @example(recipe=("nested", 100_000, "["))

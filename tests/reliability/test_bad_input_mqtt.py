@@ -324,7 +324,8 @@ EVERY_KIND = [("good", i % N_GOOD_RECORDINGS, 50, "batch", i) for i in range(6)]
 
 
 @pytest.mark.timeout(900)
-@settings(max_examples=10, deadline=None, phases=[Phase.explicit, Phase.generate],
+@settings(max_examples=10, deadline=None, database=None,
+          phases=[Phase.explicit, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                  HealthCheck.large_base_example,
                                  HealthCheck.function_scoped_fixture])

@@ -164,7 +164,8 @@ def check_file(path: Path, target: tuple[str, str] | None) -> tuple[int, str]:
 
 
 @pytest.mark.timeout(600)
-@settings(max_examples=400, deadline=None, phases=[Phase.explicit, Phase.generate],
+@settings(max_examples=400, deadline=None, database=None,
+          phases=[Phase.explicit, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @example(muts=[("bytes", 3, b"\xff\xfe")])
 @example(muts=[("truncate", 0.5)])
