@@ -5,8 +5,11 @@ VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 ONCE    ?=
+# the recordings: a local copy, or PhysioNet's, downloaded and verified on first use
+GAITPDB_DIR ?= $(CURDIR)/.stack/data/gaitpdb
+export GAITPDB_DIR
 
-.PHONY: install venv up down status test unit demo bench clean lint
+.PHONY: install venv up down status test unit demo bench clean lint data
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -20,6 +23,10 @@ venv: $(VENV)/.installed
 install: venv
 	@$(VPY) -m stack install
 
+data: venv
+	@test -n "$$(ls "$(GAITPDB_DIR)" 2>/dev/null | grep -m1 -E '\.txt(\.gz)?$$')" || \
+	  $(VPY) -m ml.data download "$(GAITPDB_DIR)"
+
 up: install
 	@$(VPY) -m stack up
 
@@ -32,10 +39,10 @@ status:
 unit: venv
 	@$(VPY) -m pytest tests/unit $(PYTEST_ARGS)
 
-test: up
+test: up data
 	@$(VPY) -m pytest $(PYTEST_ARGS)
 
-demo: up
+demo: up data
 	@$(VPY) -m stack.demo $(if $(ONCE),--once,)
 
 lint: venv
