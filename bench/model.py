@@ -6,7 +6,7 @@ Both servers load the same model version and answer the same JSON API; both run 
 loopback, started as subprocesses on free ports. The aiohttp server is
 ``python -m ml.serve`` (event loop + a process pool of ``--workers``); the Flask
 server is the original tutorial's choice (``app.run(threaded=True)``: one process,
-threads, scoring inside the request). For each server, payload kind and batch size
+threads, scoring inside the request with the same batched ``predict_batch``). For each server, payload kind and batch size
 (1 and 256 recordings per request), a bounded number of requests is sent with a
 fixed concurrency; the figures are recordings scored per second and the p50/p99
 request latency. Payloads: ``windows`` = 3 feature windows per recording (what the
@@ -66,12 +66,11 @@ def flask_app(model_dir: str) -> Any:
             items = parse_predict(body, len(F.COLUMNS), len(model.feature_names), limits)
         except RequestError as exc:
             return respond(exc.body(), exc.status)
-        results = []
-        for it in items:
-            pred = model.predict_rows(it.data) if it.kind == "rows" else model.predict_windows(it.data)
-            results.append({"id": it.id, "probability": pred.probability, "label": pred.label,
-                            "n_windows": len(pred.window_probabilities),
-                            "windows": [float(p) for p in pred.window_probabilities]})  # fmt: skip
+        preds = model.predict_batch([(it.kind, it.data) for it in items])
+        results = [{"id": it.id, "probability": pred.probability, "label": pred.label,
+                    "n_windows": len(pred.window_probabilities),
+                    "windows": [float(p) for p in pred.window_probabilities]}
+                   for it, pred in zip(items, preds, strict=True)]  # fmt: skip
         return respond({"model_version": model.version, "results": results})
 
     @app.get("/healthz")

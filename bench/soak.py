@@ -243,6 +243,9 @@ async def soak(args: argparse.Namespace) -> int:
               f"Spark runs failed (retried) {peak.get('spark_failures', 0):.0f}; "
               f"exit status {stop_rc}")
         print(f"  samples lost {lost}, duplicated {dup}; every store exact: {result.ok}")
+        reasons = Counter((d["handler"], d["reason"][:160]) for d in dead)
+        for (handler, reason), n in reasons.most_common(5):
+            print(f"  dead letter x{n} from {handler}: {reason}")
         rc = 0 if result.ok and not dead and lost == 0 and stop_rc == 0 else 1
     finally:
         pipeline.kill()

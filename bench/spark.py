@@ -179,6 +179,8 @@ async def main(args: argparse.Namespace) -> None:
                                          args.features)
                 figures.append((f"spark {args.master} {args.replicas}x", a5.seconds,
                                 n, w5))
+                if a5.ok and a5.result:
+                    print(f"    job said: {a5.result}", flush=True)
         finally:
             print(f"cleaning {root}", flush=True)
             await fs.delete(root, recursive=True)

@@ -250,6 +250,9 @@ def submit_command(s: SparkJobSettings, job_args: list[str], py_files: Path,
         # rather than letting AQE merge them into one task on one core
         "spark.sql.adaptive.coalescePartitions.enabled": "false",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
+        # list the lake's directories on the driver (cheap on HDFS) rather than in a
+        # Spark job of one task per directory once there are more than 32
+        "spark.sql.sources.parallelPartitionDiscovery.threshold": "10000",
         "spark.ui.enabled": "true",
         "spark.ui.port": str(s.ui_port),
         "spark.ui.showConsoleProgress": "false",

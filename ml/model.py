@@ -22,6 +22,7 @@ Parkinson's, which is the rule that maximises balanced accuracy.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -231,16 +232,7 @@ class GaitModel:
 
     def predict_rows(self, rows: np.ndarray) -> Prediction:
         """Score a raw recording ``(n, 19)`` at :attr:`fs` Hz; uses every member."""
-        starts, feats = F.recording_features(rows, self.fs, self.window_s, self.step_s)
-        if starts.size == 0:
-            raise ValueError(
-                f"recording has {len(rows)} rows, shorter than one window ({self.window_rows})"
-            )
-        series = None
-        if any(m.kind == "rocket" for m in self.members):
-            series = F.sensor_series(rows, self.fs, self.window_s, self.step_s)
-        p, pw = self._score(feats, series, self.members)
-        return Prediction(p, self.label(p), pw, starts)
+        return self.predict_batch([("rows", rows)])[0]
 
     def predict_windows(self, window_feats: np.ndarray) -> Prediction:
         """Score precomputed window features ``(k, len(feature_names))``.
@@ -248,29 +240,74 @@ class GaitModel:
         Uses the feature members only (the rocket member needs raw samples); a
         model with no feature member cannot score feature windows.
         """
-        x = np.asarray(window_feats, dtype=np.float64)
-        if x.ndim != 2 or x.shape[1] != len(self.feature_names) or x.shape[0] == 0:
-            raise ValueError(
-                f"expected (k >= 1, {len(self.feature_names)}) window features, got {x.shape}"
-            )
-        members = self.feature_members
-        if not members:
-            raise ValueError(f"model {self.candidate!r} needs raw rows, not feature windows")
-        p, pw = self._score(x, None, members)
-        return Prediction(p, self.label(p), pw)
+        return self.predict_batch([("windows", window_feats)])[0]
 
-    def _score(self, feats: np.ndarray, series: np.ndarray | None,
-               members: list[Member]) -> tuple[float, np.ndarray]:  # fmt: skip
-        rec, win = [], []
-        for m in members:
-            # one call per member: row 0 is the recording, the others its windows
-            if m.kind == "features":
-                x = np.vstack([aggregate(feats)[None, :], aggregate_each(feats)])
+    def predict_batch(self, items: Sequence[tuple[str, np.ndarray]]) -> list[Prediction]:
+        """Score many recordings at once: ``("rows", (n, 19))`` or ``("windows", (k, nf))``.
+
+        Each member scores every recording and window of the batch in one call,
+        which is what makes batches cheap (scikit-learn's per-call overhead
+        dominates single recordings). Raw rows use every member, feature windows
+        the feature members only.
+        """
+        feats: list[np.ndarray] = []
+        starts: list[np.ndarray] = []
+        series: list[np.ndarray | None] = []
+        rocket = any(m.kind == "rocket" for m in self.members)
+        for kind, data in items:
+            if kind == "rows":
+                st, f = F.recording_features(data, self.fs, self.window_s, self.step_s)
+                if st.size == 0:
+                    raise ValueError(f"recording has {len(data)} rows, shorter than one window "
+                                     f"({self.window_rows})")  # fmt: skip
+                feats.append(f)
+                starts.append(st)
+                series.append(F.sensor_series(data, self.fs, self.window_s, self.step_s)
+                              if rocket else None)  # fmt: skip
+            elif kind == "windows":
+                x = np.asarray(data, dtype=np.float64)
+                if x.ndim != 2 or x.shape[1] != len(self.feature_names) or x.shape[0] == 0:
+                    raise ValueError(f"expected (k >= 1, {len(self.feature_names)}) window "
+                                     f"features, got {x.shape}")  # fmt: skip
+                if not self.feature_members:
+                    raise ValueError(f"model {self.candidate!r} needs raw rows, not feature windows")
+                feats.append(x)
+                starts.append(np.zeros(0, dtype=np.int64))
+                series.append(None)
             else:
-                assert m.rocket is not None and series is not None
-                ppv = m.rocket.transform(series)
-                x = np.vstack([ppv.mean(axis=0, keepdims=True), ppv])
+                raise ValueError(f"unknown input kind {kind!r}")
+        # Rows: [recording summary, one row per window] per item, concatenated.
+        sizes = np.array([1 + len(f) for f in feats])
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        n_items = len(feats)
+        rec_sum = np.zeros(n_items)
+        win_sum = np.zeros(int(offsets[-1]))
+        used = np.zeros(n_items)
+        if self.feature_members:
+            x = np.vstack([np.vstack([aggregate(f)[None, :], aggregate_each(f)]) for f in feats])
+            for m in self.feature_members:
+                p = m.proba(x)
+                rec_sum += p[offsets[:-1]]
+                win_sum += p
+            used += len(self.feature_members)
+        raw = [i for i, s in enumerate(series) if s is not None]
+        for m in (m for m in self.members if m.kind == "rocket" and raw):
+            assert m.rocket is not None
+            ppv = m.rocket.transform(np.concatenate([series[i] for i in raw]))  # type: ignore[misc]
+            bounds = np.cumsum([0] + [len(series[i]) for i in raw])  # type: ignore[arg-type]
+            x = np.vstack([
+                np.vstack([ppv[a:b].mean(axis=0, keepdims=True), ppv[a:b]])
+                for a, b in itertools.pairwise(bounds)
+            ])  # fmt: skip
             p = m.proba(x)
-            rec.append(p[0])
-            win.append(p[1:])
-        return float(np.mean(rec)), np.mean(win, axis=0)
+            local = np.concatenate([[0], np.cumsum([1 + len(series[i]) for i in raw])])  # type: ignore[arg-type]
+            for j, i in enumerate(raw):
+                rec_sum[i] += p[local[j]]
+                win_sum[offsets[i] : offsets[i + 1]] += p[local[j] : local[j + 1]]
+                used[i] += 1
+        out = []
+        for i in range(n_items):
+            prob = float(rec_sum[i] / used[i])
+            wins = win_sum[offsets[i] + 1 : offsets[i + 1]] / used[i]
+            out.append(Prediction(prob, self.label(prob), wins, starts[i]))
+        return out

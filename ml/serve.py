@@ -72,6 +72,7 @@ class ServeConfig:
     executor: str = "process"  # "process" | "thread"
     limits: Limits = field(default_factory=Limits)
     max_body_bytes: int = 256 * 2**20
+    batch_delay_s: float = 0.003  # how long a request may wait to share a batch
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -97,19 +98,34 @@ def _warm(path: str) -> str:
 
 
 def _predict_chunk(path: str, items: list[PredictItem]) -> list[dict[str, Any]]:
-    """Score a chunk of recordings with the model at ``path`` (runs in a worker)."""
+    """Score a chunk of recordings with the model at ``path`` (runs in a worker).
+
+    The chunk is scored as one batch; if that fails, item by item, so that one
+    bad recording answers with its own error (``{"error": ...}``) and the others
+    (possibly from other requests) are still scored.
+    """
     model = _model_for(path)
+    try:
+        preds: list[Any] = model.predict_batch([(it.kind, it.data) for it in items])
+    except Exception:  # noqa: BLE001 - isolate the failing item below
+        preds = []
+        for it in items:
+            try:
+                preds.append(model.predict_batch([(it.kind, it.data)])[0])
+            except Exception as exc:  # noqa: BLE001 - reported to the request that sent it
+                preds.append(exc)
     step_rows = round(model.step_s * model.fs)
-    out = []
-    for it in items:
+    out: list[dict[str, Any]] = []
+    for it, pred in zip(items, preds, strict=True):
+        if isinstance(pred, Exception):
+            out.append({"id": it.id, "error": f"{type(pred).__name__}: {pred}"})
+            continue
         if it.kind == "rows":
-            pred = model.predict_rows(it.data)
             windows = [
                 {"key": f"{it.id}:{int(s) // step_rows}", "start": int(s), "probability": float(p)}
                 for s, p in zip(pred.window_starts, pred.window_probabilities, strict=True)
             ]
         else:
-            pred = model.predict_windows(it.data)
             windows = [
                 {"key": k, "probability": float(p)}
                 for k, p in zip(it.keys, pred.window_probabilities, strict=True)
@@ -119,6 +135,88 @@ def _predict_chunk(path: str, items: list[PredictItem]) -> list[dict[str, Any]]:
             "n_windows": len(windows), "windows": windows,
         })  # fmt: skip
     return out
+
+
+class MicroBatcher:
+    """Groups the recordings of concurrent requests into shared executor batches.
+
+    Scoring one recording costs ~10 ms of scikit-learn call overhead; a batch of
+    hundreds costs little more. Requests wait at most ``max_delay`` seconds for
+    company (or until ``max_items`` recordings are pending), then their items go
+    to the workers in at most ``workers`` chunks per model version. Each request
+    names its model version, so requests started before a switch are still scored
+    by the old model.
+    """
+
+    def __init__(self, run: Callable[[str, list[PredictItem]], Awaitable[list[dict[str, Any]]]],
+                 *, workers: int, max_items: int = 256, max_delay: float = 0.003,
+                 on_batch: Callable[[int, int], None] | None = None) -> None:  # fmt: skip
+        self._run = run
+        self.on_batch = on_batch  # (requests, recordings) of each batch
+        self.workers = workers
+        self.max_items = max_items
+        self.max_delay = max_delay
+        self._pending: list[tuple[str, list[PredictItem], asyncio.Future[list[dict[str, Any]]]]] = []
+        self._n = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, path: str, items: list[PredictItem]) -> list[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[dict[str, Any]]] = loop.create_future()
+        self._pending.append((path, items, fut))
+        self._n += len(items)
+        if self._n >= self.max_items:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.max_delay, self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending, self._n = self._pending, [], 0
+        by_path: dict[str, list[tuple[list[PredictItem], asyncio.Future[Any]]]] = {}
+        for path, items, fut in pending:
+            if not fut.done():  # a cancelled request needs no answer
+                by_path.setdefault(path, []).append((items, fut))
+        for path, entries in by_path.items():
+            task = asyncio.get_running_loop().create_task(self._process(path, entries))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _process(self, path: str,
+                       entries: list[tuple[list[PredictItem], asyncio.Future[Any]]]) -> None:  # fmt: skip
+        flat = [it for items, _ in entries for it in items]
+        chunks = _chunks(len(flat), [it.data.shape[0] for it in flat], self.workers)
+        if self.on_batch is not None:
+            self.on_batch(len(entries), len(flat))
+        try:
+            parts = await asyncio.gather(*[self._run(path, [flat[i] for i in c]) for c in chunks])
+        except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
+            for _, fut in entries:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        results: list[dict[str, Any]] = [{} for _ in flat]
+        for c, part in zip(chunks, parts, strict=True):
+            for i, r in zip(c, part, strict=True):
+                results[i] = r
+        pos = 0
+        for items, fut in entries:
+            if not fut.done():
+                fut.set_result(results[pos : pos + len(items)])
+            pos += len(items)
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._pending:
+            self._flush()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 # ----------------------------------------------------------------------------- registry
@@ -187,6 +285,7 @@ METRICS = web.AppKey("metrics", Registry)
 MODELS = web.AppKey("models", ModelRegistry)
 EXECUTOR = web.AppKey("executor", Executor)
 STATE = web.AppKey("state", dict)
+BATCHER = web.AppKey("batcher", MicroBatcher)
 
 
 def _json_error(status: int, code: str, message: str, where: str | None = None,
@@ -252,6 +351,22 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     else:
         ex = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="gaitflow-model")
     app[EXECUTOR] = ex
+    loop = asyncio.get_running_loop()
+
+    def run(path: str, items: list[PredictItem]) -> Awaitable[list[dict[str, Any]]]:
+        return loop.run_in_executor(ex, _predict_chunk, path, items)
+
+    def on_batch(requests: int, recordings: int) -> None:
+        m = app[METRICS]
+        m.inc("batches_total", "executor batches (requests are grouped)")
+        m.observe("batch_requests", "requests per batch", requests,
+                  buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))  # fmt: skip
+        m.observe("batch_recordings", "recordings per batch", recordings,
+                  buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))  # fmt: skip
+
+    batcher = MicroBatcher(run, workers=cfg.workers, max_items=cfg.limits.max_recordings,
+                           max_delay=cfg.batch_delay_s, on_batch=on_batch)  # fmt: skip
+    app[BATCHER] = batcher
     try:
         reg = ModelRegistry(cfg.model_path)
         await reg.start()
@@ -260,7 +375,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         _publish_model(app)
         yield
     finally:
-        ex.shutdown(wait=True, cancel_futures=True)
+        try:
+            await batcher.close()
+        finally:
+            ex.shutdown(wait=True, cancel_futures=True)
 
 
 async def _warm_workers(app: web.Application, loaded: LoadedModel) -> None:
@@ -295,17 +413,10 @@ async def predict(request: web.Request) -> web.Response:
         if any(it.kind == "windows" for it in items) and not model.feature_members:
             raise RequestError(422, "windows_not_supported",
                                f"model {model.version} needs raw rows", "recordings")  # fmt: skip
-        loop = asyncio.get_running_loop()
-        chunks = _chunks(len(items), [it.data.shape[0] for it in items], app[CONFIG].workers)
-        parts = await asyncio.gather(*[
-            loop.run_in_executor(app[EXECUTOR], _predict_chunk, str(loaded.path),
-                                 [items[i] for i in c])
-            for c in chunks
-        ])  # fmt: skip
-        results: list[dict[str, Any]] = [{} for _ in items]
-        for c, part in zip(chunks, parts, strict=True):
-            for i, r in zip(c, part, strict=True):
-                results[i] = r  # answers in the order of the request
+        results = await app[BATCHER].submit(str(loaded.path), items)
+        for i, r in enumerate(results):
+            if "error" in r:
+                raise RequestError(422, "unscorable", r["error"], f"recordings[{i}]")
         app[METRICS].inc("predictions_total", "recordings scored", len(results),
                          labels={"version": model.version})  # fmt: skip
         return web.json_response({"model_version": model.version, "results": results})

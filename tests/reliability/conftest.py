@@ -32,7 +32,10 @@ from stack.service import Service
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "reliability: fault, bad-input, security tests on the local stack "
-                   "(tests/reliability; they restart shared services)")
+                   "(tests/reliability)")
+    config.addinivalue_line(
+        "markers", "outage: stops a shared stack service for RELIABILITY_OUTAGE_SECONDS "
+                   "(deselect with -m 'not outage' while others use the stack)")
 
 
 @pytest.fixture(scope="session")

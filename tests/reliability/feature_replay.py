@@ -30,10 +30,10 @@ from pipeline import Source, setting
 @dataclasses.dataclass(frozen=True)
 class FeatureReplaySettings:
     recordings: list[str] = setting(doc="gaitpdb recording ids (read from $GAITPDB_DIR)")
-    seconds: float = setting(20.0, doc="seconds of each recording", min=10)
     start_file: Path = setting(doc="emit once this file exists")
-    interval: float = setting(1.0, doc="seconds between two recordings", min=0)
     ack_log: Path = setting(doc="one JSON line per acknowledged batch")
+    seconds: float = setting(20.0, doc="seconds of each recording", min=10)
+    interval: float = setting(1.0, doc="seconds between two recordings", min=0)
 
 
 def feature_batch(recording: str, rows: np.ndarray) -> pa.Table:

@@ -111,6 +111,7 @@ async def test_kill_9_at_random_moments_loses_and_duplicates_nothing(
     await finish_and_audit(names, recordings, pipeline)
 
 
+@pytest.mark.outage
 @pytest.mark.timeout(600)
 async def test_broker_restart_with_persistent_sessions_loses_nothing(
         whole_stack: dict[str, Service], stack_service: Callable[[str], Service],

@@ -33,7 +33,7 @@ from audit import RunNames
 
 from stack.service import Service
 
-pytestmark = [pytest.mark.reliability, pytest.mark.integration]
+pytestmark = [pytest.mark.reliability, pytest.mark.integration, pytest.mark.outage]
 
 OUTAGE_S = float(os.environ.get("RELIABILITY_OUTAGE_SECONDS", "30"))
 

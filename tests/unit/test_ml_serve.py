@@ -369,3 +369,35 @@ def test_config_is_frozen(models_dir: Path) -> None:
     assert replace(cfg, workers=3).workers == 3
     with pytest.raises(AttributeError):
         cfg.workers = 5  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+async def test_concurrent_requests_share_batches(make_client: ClientFactory) -> None:
+    client = await make_client(batch_delay_s=0.05)
+    wins = _windows("w", 11.0)
+    answers = await asyncio.gather(*[
+        client.post("/v1/predict", json={"recordings": [{"id": f"r{i}", "windows": wins}]})
+        for i in range(16)
+    ])  # fmt: skip
+    bodies = [await a.json() for a in answers]
+    assert [b["results"][0]["id"] for b in bodies] == [f"r{i}" for i in range(16)]
+    probs = {round(b["results"][0]["probability"], 12) for b in bodies}
+    assert len(probs) == 1  # same input, same answer, whatever batch it was in
+    metrics = await (await client.get("/metrics")).text()
+    line = next(ln for ln in metrics.splitlines() if ln.startswith("gaitflow_model_batches_total "))
+    batches = float(line.split()[1])
+    assert batches < 16
+
+
+def test_one_bad_item_does_not_fail_its_batch(models_dir: Path) -> None:
+    from ml.serve import _predict_chunk
+    from ml.validate import PredictItem
+
+    _, feats = F.recording_features(synthetic_recording(1.2, 12.0))
+    good = PredictItem("good", "windows", feats, ["good:0"])
+    bad = PredictItem("bad", "windows", feats[:, :10], ["bad:0"])  # wrong width
+    out = _predict_chunk(str(models_dir / V1), [good, bad, good])
+    assert [o["id"] for o in out] == ["good", "bad", "good"]
+    assert "error" in out[1] and "probability" in out[0] and "probability" in out[2]
