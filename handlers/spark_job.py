@@ -121,6 +121,10 @@ _SEGMENT_PATH = re.compile(
     rf"/date=[^/{_GLOB}]+/recording=(?P<recording>[^/]+)/[^/{_GLOB}]+\.parquet$")
 
 
+#: seconds between lake probes while disconnected
+REPROBE_S = 5.0
+
+
 @dataclasses.dataclass(frozen=True)
 class JobRetry(RetryPolicy):
     """Retries of a failed Spark job (a whole spark-submit run)."""
@@ -720,11 +724,15 @@ class SparkJob(Processor):
         while True:
             self._wake.clear()
             delay = self._launch_ready()
+            if not self._connected:  # re-probe the lake, or /readyz stays false without traffic
+                delay = REPROBE_S if delay is None else min(delay, REPROBE_S)
             try:
                 async with asyncio.timeout(delay):
                     await self._wake.wait()
             except TimeoutError:
                 pass
+            if not self._connected and self._hdfs is not None:
+                await self._probe_hdfs()
 
     def _launch_ready(self) -> float | None:
         """Start every job the triggers allow; the seconds until the next timed trigger."""

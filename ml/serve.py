@@ -62,6 +62,7 @@ __all__ = ["ENV_TOKEN", "ModelRegistry", "ServeConfig", "create_app", "main", "s
 
 log = logging.getLogger("gaitflow.ml.serve")
 ENV_TOKEN = "GAITFLOW_MODEL_TOKEN"
+PARSE_IN_WORKER_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -407,9 +408,13 @@ async def predict(request: web.Request) -> web.Response:
         if not raw:
             raise RequestError(400, "invalid_json", "empty body; expected a JSON object")
         limits = replace(app[CONFIG].limits, min_rows=model.window_rows)
-        items = await asyncio.to_thread(
-            _decode_and_validate, raw, len(F.COLUMNS), len(model.feature_names), limits
-        )
+        args = (raw, len(F.COLUMNS), len(model.feature_names), limits)
+        if len(raw) > PARSE_IN_WORKER_BYTES and app[CONFIG].executor == "process":
+            # big bodies (raw rows) parse in a worker process: both cores, free loop
+            loop = asyncio.get_running_loop()
+            items = await loop.run_in_executor(app[EXECUTOR], _decode_and_validate, *args)
+        else:
+            items = await asyncio.to_thread(_decode_and_validate, *args)
         if any(it.kind == "windows" for it in items) and not model.feature_members:
             raise RequestError(422, "windows_not_supported",
                                f"model {model.version} needs raw rows", "recordings")  # fmt: skip
