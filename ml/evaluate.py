@@ -89,7 +89,6 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, 
         "specificity": spec,
         "n": int(y.size),
         "n_parkinson": int(pos.sum()),
-        "n_subjects": 0,
     }
 
 

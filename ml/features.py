@@ -29,6 +29,9 @@ Normalisation
     Forces are divided by the window's mean total force ``mean(L + R)`` (during
     walking, the body weight), so that force features compare across subjects.
 
+Feature families are listed by :data:`FEATURE_GROUPS`; :func:`sensor_series`
+gives the normalised 16 sensor series per window for time-series models.
+
 The module imports numpy and pandas only, holds no global state besides
 constants, and every function is deterministic, so a PySpark job can call
 :func:`features_frame` inside ``applyInPandas`` unchanged.
@@ -42,6 +45,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
+    "BASELINE_NAMES",
     "CHANNELS",
     "COLUMNS",
     "DEFAULT_STEP_S",
@@ -55,6 +59,7 @@ __all__ = [
     "baseline_frame",
     "centre_of_pressure",
     "contact_mask",
+    "feature_group",
     "features_frame",
     "gait_events",
     "recording_features",

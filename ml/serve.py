@@ -28,7 +28,14 @@ With a token (``--token`` or ``$GAITFLOW_MODEL_TOKEN``) every ``/v1/`` call need
 ``Authorization: Bearer <token>``; ``/healthz`` and ``/metrics`` stay open.
 
 Feature extraction and prediction run in a process pool (``--workers``), so the
-event loop only parses, validates and answers.
+event loop only parses, validates and answers. Concurrent requests are grouped
+into shared batches (:class:`MicroBatcher`, at most ``batch_delay_s`` of waiting):
+scikit-learn's per-call overhead, not arithmetic, dominates a single recording.
+Bodies over ``whole_in_worker_bytes`` (raw rows) are decoded, validated and
+scored in one worker process instead.
+
+Limits (``ml.validate.Limits``): 256 recordings per request, 360 000 rows per
+recording, 2 000 000 rows per request, 10 000 windows per recording, 256 MiB body.
 """
 
 from __future__ import annotations
@@ -62,7 +69,6 @@ __all__ = ["ENV_TOKEN", "ModelRegistry", "ServeConfig", "create_app", "main", "s
 
 log = logging.getLogger("gaitflow.ml.serve")
 ENV_TOKEN = "GAITFLOW_MODEL_TOKEN"
-PARSE_IN_WORKER_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,7 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
     max_body_bytes: int = 256 * 2**20
     batch_delay_s: float = 0.003  # how long a request may wait to share a batch
+    whole_in_worker_bytes: int = 4 << 20  # bigger bodies are parsed and scored in a worker
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -409,16 +416,19 @@ async def predict(request: web.Request) -> web.Response:
             raise RequestError(400, "invalid_json", "empty body; expected a JSON object")
         limits = replace(app[CONFIG].limits, min_rows=model.window_rows)
         args = (raw, len(F.COLUMNS), len(model.feature_names), limits)
-        if len(raw) > PARSE_IN_WORKER_BYTES and app[CONFIG].executor == "process":
-            # big bodies (raw rows) parse in a worker process: both cores, free loop
+        cfg = app[CONFIG]
+        if len(raw) > cfg.whole_in_worker_bytes and cfg.executor == "process":
+            # A big body (raw rows) is a batch of its own: one worker process
+            # decodes, validates and scores it, so the loop never parses megabytes
+            # and the arrays cross the process boundary once.
             loop = asyncio.get_running_loop()
-            items = await loop.run_in_executor(app[EXECUTOR], _decode_and_validate, *args)
+            results = await loop.run_in_executor(
+                app[EXECUTOR], _decode_validate_predict, str(loaded.path), *args
+            )
         else:
             items = await asyncio.to_thread(_decode_and_validate, *args)
-        if any(it.kind == "windows" for it in items) and not model.feature_members:
-            raise RequestError(422, "windows_not_supported",
-                               f"model {model.version} needs raw rows", "recordings")  # fmt: skip
-        results = await app[BATCHER].submit(str(loaded.path), items)
+            _check_inputs(model, items)
+            results = await app[BATCHER].submit(str(loaded.path), items)
         for i, r in enumerate(results):
             if "error" in r:
                 raise RequestError(422, "unscorable", r["error"], f"recordings[{i}]")
@@ -428,6 +438,20 @@ async def predict(request: web.Request) -> web.Response:
     finally:
         state["inflight"] -= 1
         app[METRICS].set("inflight_requests", "predict requests in progress", state["inflight"])
+
+
+def _check_inputs(model: Any, items: list[PredictItem]) -> None:
+    if any(it.kind == "windows" for it in items) and not model.feature_members:
+        raise RequestError(422, "windows_not_supported",
+                           f"model {model.version} needs raw rows", "recordings")  # fmt: skip
+
+
+def _decode_validate_predict(path: str, raw: bytes, n_columns: int, n_features: int,
+                             limits: Limits) -> list[dict[str, Any]]:  # fmt: skip
+    """A whole request in a worker: decode, validate, score."""
+    items = _decode_and_validate(raw, n_columns, n_features, limits)
+    _check_inputs(_model_for(path), items)
+    return _predict_chunk(path, items)
 
 
 def _decode_and_validate(raw: bytes, n_columns: int, n_features: int,

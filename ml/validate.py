@@ -34,6 +34,9 @@ class RequestError(Exception):
         self.message = message
         self.where = where
 
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across worker processes
+        return (type(self), (self.status, self.code, self.message, self.where))
+
     def body(self) -> dict[str, Any]:
         err: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.where is not None:

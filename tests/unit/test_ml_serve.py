@@ -341,7 +341,8 @@ async def test_process_workers_and_serve_lifecycle(models_dir: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     stop = asyncio.Event()
-    cfg = ServeConfig(model_path=models_dir / V2, executor="process", workers=1)
+    cfg = ServeConfig(model_path=models_dir / V2, executor="process", workers=1,
+                      whole_in_worker_bytes=100_000)  # fmt: skip
     task = asyncio.create_task(serve(cfg, "127.0.0.1", port, stop))
     base = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as session:
@@ -360,6 +361,16 @@ async def test_process_workers_and_serve_lifecycle(models_dir: Path) -> None:
         async with session.post(f"{base}/v1/predict", json=body) as resp:
             assert resp.status == 200
             assert (await resp.json())["results"][0]["n_windows"] == 1
+        # a big body is decoded, validated and scored inside the worker process
+        big = {"recordings": [{"id": f"b{i}", "rows": _rows(seed=i)} for i in range(3)]}
+        async with session.post(f"{base}/v1/predict", json=big) as resp:
+            assert resp.status == 200
+            assert [r["id"] for r in (await resp.json())["results"]] == ["b0", "b1", "b2"]
+        big["recordings"][2]["rows"][5][3] = float("nan")
+        async with session.post(f"{base}/v1/predict", data=json.dumps(big),
+                                headers={"Content-Type": "application/json"}) as resp:  # fmt: skip
+            err = await _error(resp, 422, "non_finite")
+            assert err["field"] == "recordings[2].rows[5][3]"
     stop.set()
     await asyncio.wait_for(task, 30)
 
