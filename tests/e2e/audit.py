@@ -107,8 +107,8 @@ async def kafka_samples(bootstrap: str, topic: str, timeout: float = 20.0) -> pa
     # partition (partitions_for_topic() right after start() knows no topic yet)
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 auto_offset_reset="earliest")
-    await consumer.start()
     try:
+        await consumer.start()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         if topic not in await consumer.topics():
