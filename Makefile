@@ -9,7 +9,7 @@ ONCE    ?=
 GAITPDB_DIR ?= $(CURDIR)/.stack/data/gaitpdb
 export GAITPDB_DIR
 
-.PHONY: install venv up down status test unit demo bench clean lint data
+.PHONY: install venv up down status test unit reliability demo bench clean lint data
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -41,6 +41,10 @@ unit: venv
 
 test: up data
 	@$(VPY) -m pytest $(PYTEST_ARGS)
+
+# crashes, outages (stops shared services), fuzzing, security: long, run on their own
+reliability: up data
+	@$(VPY) -m pytest tests/reliability $(PYTEST_ARGS)
 
 demo: up data
 	@$(VPY) -m stack.demo $(if $(ONCE),--once,)
