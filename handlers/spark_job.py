@@ -617,8 +617,8 @@ class SparkJob(Processor):
             "rows": m.counter("spark_feature_rows", "Feature rows emitted"),
         }
         self._wake, self._pulse = asyncio.Event(), asyncio.Event()
+        await self._probe_hdfs()  # before the scheduler: it re-probes while disconnected
         self._scheduler = asyncio.create_task(self._schedule(), name=f"{self.name}:scheduler")
-        await self._probe_hdfs()
         self.log.info("spark_job.started", master=s.master, features=s.features,
                       features_root=s.features_root, py_files=str(py_files))
 
@@ -695,7 +695,7 @@ class SparkJob(Processor):
 
     def _locate(self, path: Any, recording: Any) -> tuple[str, str | None]:
         """``(fs URL + lake root, None)`` for a valid event, else ``("", problem)``."""
-        if not isinstance(recording, str) or not _ID.match(recording) or ".." in recording:
+        if not isinstance(recording, str) or not _ID.fullmatch(recording) or ".." in recording:
             return "", f"unsafe or missing recording id {recording!r}"
         m = _SEGMENT_PATH.match(path) if isinstance(path, str) else None
         if m is None:

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 HERE = Path(__file__).resolve().parent
-E2E = HERE.parent / "e2e"
-for _p in (HERE, E2E):  # reliability_support and the end-to-end audit helpers
+# reliability_support; the end-to-end audit helpers; the integration tests' TcpProxy
+for _p in (HERE, HERE.parent / "e2e", HERE.parent / "integration"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import signal
@@ -135,8 +136,27 @@ async def wait_until(check: Callable[[], Any], timeout: float, what: str,
 
 
 # --------------------------------------------------------------------------- processes
+try:
+    import ctypes
+
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl   # looked up here, not in the child
+except (OSError, AttributeError):  # not Linux
+    _PRCTL = None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the test process dies (a killed pytest, a
+    CI timeout) instead of living on as an orphan holding ports and sessions. One
+    C call, no import and no lock: safe in a forked child of a threaded process."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+
+
 class _Process:
-    """A subprocess with its output appended to a log file (one header per start)."""
+    """A subprocess with its output appended to a log file (one header per start).
+
+    Start it from the event loop's thread: the child is killed when the thread that
+    started it exits (``PR_SET_PDEATHSIG``)."""
 
     what = "process"
 
@@ -154,7 +174,8 @@ class _Process:
                      f"{' '.join(argv[:3])} ...\n".encode())
             self.proc = subprocess.Popen(
                 argv, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                preexec_fn=_die_with_parent)  # noqa: PLW1509 - see _die_with_parent
         self.starts += 1
 
     @property
@@ -195,16 +216,17 @@ class _Process:
 
     async def _wait_http(self, url: str, timeout: float, token: str | None = None) -> float:
         t0 = time.monotonic()
+        last = ""
         while time.monotonic() - t0 < timeout:
             if not self.alive:
                 raise AssertionError(f"{self.what} exited with {self.proc.returncode} before "
                                      f"it was ready\n{self.tail()}")
-            status, _ = await http("GET", url, token=token, timeout=2)
+            status, last = await http("GET", url, token=token, timeout=2)
             if status == 200:
                 return time.monotonic() - t0
             await asyncio.sleep(0.3)
-        raise AssertionError(f"{self.what} not ready at {url} after {timeout:.0f} s\n"
-                             f"{self.tail()}")
+        raise AssertionError(f"{self.what} not ready at {url} after {timeout:.0f} s: "
+                             f"{last[:1000]}\n{self.tail()}")
 
 
 class ModelServer(_Process):
@@ -647,14 +669,24 @@ def _brief(status: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- outages
+async def _call(fn: Callable[[], Any]) -> Any:
+    """A blocking callable in a worker thread; a coroutine function on the loop."""
+    if inspect.iscoroutinefunction(fn):
+        return await fn()
+    return await asyncio.to_thread(fn)
+
+
 @contextlib.asynccontextmanager
-async def outage(stop: Callable[[], None], start: Callable[[], None],
-                 ready: Callable[[], bool], what: str, ready_timeout: float = 240.0,
+async def outage(stop: Callable[[], Any], start: Callable[[], Any],
+                 ready: Callable[[], Any], what: str, ready_timeout: float = 240.0,
                  ) -> AsyncIterator[dict[str, float]]:
-    """Stop a service for the block; ALWAYS start it again and wait until it is ready."""
+    """Stop a service for the block; ALWAYS start it again and wait until it is ready.
+
+    ``stop``/``start``/``ready``: blocking callables (a stack Service's methods, run in
+    a worker thread) or coroutine functions."""
     times: dict[str, float] = {}
     t0 = time.monotonic()
-    await asyncio.to_thread(stop)
+    await _call(stop)
     times["stopped_at"] = t0
     times["stop_seconds"] = time.monotonic() - t0
     try:
@@ -662,9 +694,9 @@ async def outage(stop: Callable[[], None], start: Callable[[], None],
     finally:
         t1 = time.monotonic()
         times["down_seconds"] = t1 - t0
-        await asyncio.to_thread(start)
+        await _call(start)
         deadline = time.monotonic() + ready_timeout
-        while not await asyncio.to_thread(ready):
+        while not await _call(ready):
             if time.monotonic() > deadline:
                 raise AssertionError(f"{what} not ready {ready_timeout:.0f} s after its restart")
             await asyncio.sleep(1.0)

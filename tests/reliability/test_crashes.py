@@ -100,7 +100,9 @@ async def test_kill_9_at_random_moments_loses_and_duplicates_nothing(
             pipeline.kill()
             print(f"kill -9 #{i + 1} at {time.monotonic() - t0:5.1f} s "
                   f"(replay {publisher.sent}/{len(schedule)} messages): {state}")
-            rs.kill_strays(names.run)   # its orphaned Spark job, as a container runtime would
+            strays = rs.kill_strays(names.run)  # its orphaned Spark job, as a container would
+            if strays:
+                print(f"  killed {len(strays)} orphaned Spark process(es) of the pipeline")
             pipeline.start()
             print(f"  restarted, running after {await pipeline.wait_running():.1f} s")
         await replay

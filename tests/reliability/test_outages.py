@@ -43,8 +43,13 @@ def controls(target: str, stack_service: Callable[[str], Service],
                                                      Callable[[], bool], str]:
     """(stop, start, ready, stack service name) of an outage target."""
     if target == "model_server":
-        return (model_server.stop, lambda: asyncio.run(model_server.start()), lambda: True,
-                "")
+        async def start() -> None:
+            await model_server.start()
+
+        async def ready() -> bool:
+            return model_server.alive
+
+        return model_server.stop, start, ready, ""
     if target == "namenode":
         hdfs = stack_service("hdfs")
         return hdfs.stop_namenode, hdfs.start_namenode, hdfs.ready, "hdfs"
