@@ -23,6 +23,14 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise SettingsError([Issue(file, "", None, problem="file not found")]) from None
+    except IsADirectoryError:
+        raise SettingsError([Issue(file, "", None, problem="is a directory, not a file")]) from None
+    except UnicodeDecodeError as exc:
+        raise SettingsError([Issue(file, "", None,
+                                   problem=f"not UTF-8 text (byte {exc.start})")]) from None
+    except OSError as exc:
+        raise SettingsError([Issue(file, "", None,
+                                   problem=f"cannot read: {exc.strerror or exc}")]) from None
     except tomllib.TOMLDecodeError as exc:
         text = str(exc)
         match = re.search(r"Cannot declare \('handlers', '([^']+)'\) twice", text)
