@@ -460,6 +460,8 @@ def _decode_and_validate(raw: bytes, n_columns: int, n_features: int,
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(400, "invalid_json", f"body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise RequestError(400, "invalid_json", "body is nested too deeply") from exc
     return parse_predict(body, n_columns, n_features, limits)
 
 
