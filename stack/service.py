@@ -8,15 +8,19 @@ request succeeded, ``stop`` ends it. Pids are kept in ``<state>/<name>.pid`` so
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 from .config import StackConfig
+
+T = TypeVar("T")
 
 #: first line of each start in a service's log (see spawn, log_tail)
 START_MARK = "==== stack start"
@@ -230,3 +234,31 @@ def _java_major(home: str) -> int:
         return int(v.split(".")[0]) if not v.startswith("1.") else int(v.split(".")[1])
     except (OSError, IndexError, ValueError, subprocess.SubprocessError):
         return 0
+
+
+def run_async(fn: Callable[[], Awaitable[T]], timeout: float) -> T:
+    """Run ``fn()`` on a private event loop, also when called from inside one."""
+    async def bounded() -> T:
+        return await asyncio.wait_for(fn(), timeout)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(bounded())
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(asyncio.run(bounded()))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            error.append(exc)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout + 1)
+    if error:
+        raise error[0]
+    if not result:
+        raise TimeoutError(f"no answer within {timeout}s")
+    return result[0]

@@ -15,23 +15,20 @@ and owns only its config, data, logs and tmp directories.
 """
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import pwd
 import shutil
 import socket
 import subprocess
-import threading
 import time
 import zipfile
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
 from .. import maven
 from ..config import ROOT
-from ..service import Service, java_home
+from ..service import Service, java_home, run_async
 
 VERSION = "9.5.3"
 ARTIFACT = f"org.elasticsearch.distribution.integ-test-zip:elasticsearch:{VERSION}:zip"
@@ -272,31 +269,3 @@ def _check_reachable(path: Path, uid: int, gid: int) -> None:
             f"elasticsearch: user {RUN_AS!r} cannot read {path}; Elasticsearch refuses to run "
             f"as root, so every parent directory of the stack's state dir must be "
             f"world-executable (chmod o+x), or set STACK_DIR to such a place")
-
-
-def run_async(fn: Callable[[], Awaitable[T]], timeout: float) -> T:
-    """Run ``fn()`` on a private event loop, also when called from inside one."""
-    async def bounded() -> T:
-        return await asyncio.wait_for(fn(), timeout)
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(bounded())
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(asyncio.run(bounded()))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            error.append(exc)
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(timeout + 1)
-    if error:
-        raise error[0]
-    if not result:
-        raise TimeoutError(f"no answer within {timeout}s")
-    return result[0]

@@ -8,19 +8,16 @@ exactly one port on loopback and makes no outbound calls.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
 import socket
 import subprocess
-import threading
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-from ..service import Service
+from ..service import Service, run_async
 
 MODULE = "github.com/FerretDB/FerretDB"
 # The newest 1.24 patch release. (FerretDB 2.x is the module .../FerretDB/v2 and
@@ -149,31 +146,3 @@ def _listening(port: int) -> bool:
     except OSError:
         return False
     return True
-
-
-def run_async(fn: Callable[[], Awaitable[T]], timeout: float) -> T:
-    """Run ``fn()`` on a private event loop, also when called from inside one."""
-    async def bounded() -> T:
-        return await asyncio.wait_for(fn(), timeout)
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(bounded())
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(asyncio.run(bounded()))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            error.append(exc)
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(timeout + 1)
-    if error:
-        raise error[0]
-    if not result:
-        raise TimeoutError(f"no answer within {timeout}s")
-    return result[0]
