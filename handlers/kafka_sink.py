@@ -115,6 +115,27 @@ RETRY_ON_CONNECT: tuple[type[BaseException], ...] = (
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 
 
+async def watch_connection(handler: Any, probe: Any, healthy: Any = lambda: True) -> None:
+    """Probe the cluster every ``health_interval`` seconds; feeds ``/readyz``.
+
+    Shared by kafka_sink and kafka_source: ``probe()`` is a metadata request of the
+    handler's client; ``healthy()`` may veto "connected" for reasons of its own.
+    """
+    s = handler.settings
+    while True:
+        await asyncio.sleep(s.health_interval)
+        try:
+            async with asyncio.timeout(max(5.0, s.request_timeout_ms / 1000)):
+                await probe()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure means "not connected"
+            handler.set_connected(False, f"metadata probe failed: {type(exc).__name__}: {exc}")
+        else:
+            if healthy():
+                handler.set_connected(True)
+
+
 @dataclasses.dataclass(frozen=True)
 class KafkaClientSettings:
     """Connection settings shared by kafka_sink and kafka_source."""
@@ -416,17 +437,7 @@ class KafkaSink(Sink):
                     str(k) for k in decoded.data.column(decoded.key).to_pylist() if k is not None)
 
     async def _watch_connection(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.health_interval)
-            try:
-                async with asyncio.timeout(max(5.0, self.settings.request_timeout_ms / 1000)):
-                    await self._producer.client.fetch_all_metadata()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any failure means "not connected"
-                self.set_connected(False, f"metadata probe failed: {type(exc).__name__}: {exc}")
-            else:
-                self.set_connected(True)
+        await watch_connection(self, lambda: self._producer.client.fetch_all_metadata())
 
     async def close(self) -> None:
         if self._watch is not None:

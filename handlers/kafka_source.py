@@ -79,7 +79,7 @@ from aiokafka import errors as kafka_errors
 from pipeline import Source, setting
 
 from . import arrow_codec
-from .kafka_sink import RETRY_ON_CONNECT, KafkaClientSettings, client_options
+from .kafka_sink import RETRY_ON_CONNECT, KafkaClientSettings, client_options, watch_connection
 
 __all__ = ["KafkaSource", "KafkaSourceSettings", "Offset"]
 
@@ -222,18 +222,8 @@ class KafkaSource(Source):
         consumer.subscribe(topics=list(s.topics), listener=_Listener(self))
 
     async def _watch_connection(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.health_interval)
-            try:
-                async with asyncio.timeout(max(5.0, self.settings.request_timeout_ms / 1000)):
-                    await self._consumer.topics()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any failure means "not connected"
-                self.set_connected(False, f"metadata probe failed: {type(exc).__name__}: {exc}")
-            else:
-                if self._fetch_error is None:
-                    self.set_connected(True)
+        await watch_connection(self, lambda: self._consumer.topics(),
+                               healthy=lambda: self._fetch_error is None)
 
     async def close(self) -> None:
         if self._watch is not None:
