@@ -40,7 +40,10 @@ Behaviour
     but only those of the recordings at fault: in a job over several recordings,
     the recordings the error names (a corrupt file's path) are dead-lettered and
     the others rerun without them; an error naming none reruns each recording
-    alone, once. Malformed events (missing columns, unsafe ids, a path outside the
+    alone, once. A run that fails because a segment file it listed was deleted
+    before Spark read it (the lake sink merged it into a new file while the job
+    ran) is rerun at once, up to ``max_input_reruns`` times, without counting as a
+    failed attempt: the next listing sees the merged file. Malformed events (missing columns, unsafe ids, a path outside the
     lake layout) are rejected to dead letter at once.
 
     Shutdown: ``on_shutdown = "wait"`` runs a last job over everything pending and
@@ -123,6 +126,9 @@ _SEGMENT_PATH = re.compile(
 
 #: seconds between lake probes while disconnected
 REPROBE_S = 5.0
+# a file listed by the job was deleted before it was read (Spark's error class, Hadoop's)
+_VANISHED = re.compile(r"FAILED_READ_FILE\.FILE_NOT_EXIST|FileNotFoundException")
+INPUT_RERUN_DELAY_S = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +193,9 @@ class SparkJobSettings:
                                    min=0)
     stderr_lines: int = setting(40, doc="driver stderr lines kept for errors and dead letters",
                                 min=5)
+    max_input_reruns: int = setting(
+        5, doc="reruns of a job whose input file vanished while it ran (the lake sink "
+               "replaced it by a merged one), not counted as failed attempts", min=0)
 
     def __post_init__(self) -> None:
         if "://" not in self.hdfs_url:
@@ -615,6 +624,8 @@ class SparkJob(Processor):
             "dead": m.counter("spark_jobs_dead_lettered", "Jobs whose events went to dead "
                                                           "letter"),
             "rows": m.counter("spark_feature_rows", "Feature rows emitted"),
+            "input_reruns": m.counter("spark_job_input_reruns", "Runs repeated because an "
+                                      "input file was replaced while they ran"),
         }
         self._wake, self._pulse = asyncio.Event(), asyncio.Event()
         await self._probe_hdfs()  # before the scheduler: it re-probes while disconnected
@@ -830,7 +841,8 @@ class SparkJob(Processor):
 
     def _failure(self, job: _Job) -> tuple[str, SparkJobError]:
         last = job.attempts[-1]
-        reason = (f"spark job {job.job_id} failed after {len(job.attempts)} attempt(s): "
+        failed = sum(a.state != "inputs_changed" for a in job.attempts)
+        reason = (f"spark job {job.job_id} failed after {failed} attempt(s): "
                   f"{last.error}")
         tail = last.stderr_tail(self.settings.stderr_lines)
         return reason, SparkJobError(
@@ -840,7 +852,8 @@ class SparkJob(Processor):
         """Run the job until it succeeds (features emitted, True) or ``attempts`` ran."""
         policy = self.settings.job_retry
         assert self._submitter is not None
-        for number in range(1, attempts + 1):
+        number, reruns = 1, 0
+        while number <= attempts:
             attempt = SparkAttempt(job.job_id, number)
             job.attempts.append(attempt)
             job.state = "running"
@@ -866,6 +879,18 @@ class SparkJob(Processor):
                               seconds=round(attempt.seconds, 1), rows=job.rows_out,
                               recordings=len(job.recordings))
                 return True
+            if (attempt.state == "failed" and reruns < self.settings.max_input_reruns
+                    and self._inputs_vanished(job, attempt)):
+                # the lake sink merged segments while Spark read them: not a failure,
+                # the next listing sees the merged file (README §3)
+                reruns += 1
+                attempt.state = "inputs_changed"
+                self._m["input_reruns"].inc()
+                self.log.info("spark_job.inputs_changed", job_id=job.job_id, rerun=reruns,
+                              of=self.settings.max_input_reruns, error=attempt.error)
+                job.state = "backoff"
+                await asyncio.sleep(min(policy.delay(1), INPUT_RERUN_DELAY_S))
+                continue
             self._m["failures"].inc()
             if attempt.state == "timed_out":
                 self._m["timeouts"].inc()
@@ -875,8 +900,18 @@ class SparkJob(Processor):
             if number < attempts:
                 job.state = "backoff"
                 await asyncio.sleep(policy.delay(number))
+            number += 1
         job.state = "failed"
         return False
+
+    @staticmethod
+    def _inputs_vanished(job: _Job, attempt: SparkAttempt) -> bool:
+        """Did the run fail because a segment file of its recordings disappeared?"""
+        text = "\n".join([attempt.error or "", *attempt.tail])
+        if not _VANISHED.search(text):
+            return False
+        return any(re.search(rf"recording={re.escape(r)}/[^/\s]+\.parquet", text)
+                   for r in job.recordings)
 
     async def _job_args(self, job: _Job) -> list[str]:
         s = self.settings

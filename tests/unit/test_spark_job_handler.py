@@ -73,6 +73,13 @@ FAKE_SUBMIT = textwrap.dedent('''\
               file=sys.stderr, flush=True)
         say("failed", error=f"Py4JJavaError: ... | {{bad}} is not a Parquet file")
         sys.exit(1)
+    if action.startswith("vanish:"):  # a listed segment was merged away before the read
+        gone = f"hdfs://fake:8020/lake/raw/date=1/recording={{action[7:]}}/part-3.parquet"
+        print(f"org.apache.spark.SparkFileNotFoundException: [FAILED_READ_FILE.FILE_NOT_EXIST]"
+              f" File {{gone}} does not exist. It is possible the underlying files have been "
+              "updated.", file=sys.stderr, flush=True)
+        say("failed", error=f"SparkFileNotFoundException: File {{gone}} does not exist")
+        sys.exit(1)
     if action == "crash":
         print("java.lang.OutOfMemoryError: Java heap space", file=sys.stderr, flush=True)
         sys.exit(3)
@@ -417,6 +424,48 @@ async def test_unattributed_failure_splits_the_job_per_recording(
     assert [json.loads(r["payload"])["recording"] for r in dead] == ["GaCo11_01"]
     assert "failed after 1 attempt(s)" in dead[0]["reason"]
     assert [b.meta["recording"] for b in rt.handlers["sink"].batches] == ["GaPt11_01"]
+
+
+async def test_input_replaced_during_the_run_is_rerun_without_using_an_attempt(
+        build: Callable[..., Runtime], spark: Callable[..., dict[str, Any]],
+        cluster: FakeCluster) -> None:
+    # one attempt allowed: two vanished-file runs must not spend it, nor dead-letter
+    section = spark(["vanish:GaCo12_01", "vanish:GaCo12_01", "ok"],
+                    job_retry={"max_attempts": 1, "backoff": 0.05, "jitter": 0.0})
+    rt = build(pipeline(section, events("GaCo12_01", 2)))
+    report = await rt.run()
+    assert report.ok and report.unacked == 0
+    assert rt.handlers["dlq"].batches == []
+    assert rt.handlers["sink"].row_count == 2
+    assert [c["action"] for c in cluster.calls()] == ["vanish:GaCo12_01"] * 2 + ["ok"]
+    [job] = rt.handlers["spark"].status()["recent"]
+    assert [a["state"] for a in job["attempts"]] == ["inputs_changed"] * 2 + ["succeeded"]
+    m = rt.metrics
+    assert m.value("spark_job_input_reruns", "spark") == 2
+    assert m.value("spark_job_failures", "spark") == 0
+
+
+async def test_input_reruns_are_bounded_then_count_as_failures(
+        build: Callable[..., Runtime], spark: Callable[..., dict[str, Any]],
+        cluster: FakeCluster) -> None:
+    # endless reruns are no better than a failure
+    section = spark(["vanish:GaCo13_01"] * 3, max_input_reruns=1,
+                    job_retry={"max_attempts": 2, "backoff": 0.05, "jitter": 0.0})
+    rt = build(pipeline(section, events("GaCo13_01", 1)))
+    assert (await rt.run()).ok
+    assert len(cluster.calls()) == 3  # 1 rerun + 2 attempts
+    [dead] = [r for b in rt.handlers["dlq"].batches for r in b.to_pylist()]
+    assert "failed after 2 attempt(s)" in dead["reason"] and "does not exist" in dead["reason"]
+
+
+async def test_a_vanished_file_of_another_recording_is_a_plain_failure(
+        build: Callable[..., Runtime], spark: Callable[..., dict[str, Any]]) -> None:
+    other = spark(["vanish:Other_01", "ok"],
+                  job_retry={"max_attempts": 2, "backoff": 0.05, "jitter": 0.0})
+    rt2 = build(pipeline(other, events("GaCo14_01", 1)))
+    assert (await rt2.run()).ok
+    assert rt2.metrics.value("spark_job_input_reruns", "spark") == 0
+    assert rt2.metrics.value("spark_job_failures", "spark") == 1
 
 
 async def test_crash_without_report_is_retried_and_succeeds(
