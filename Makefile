@@ -42,7 +42,7 @@ unit: venv
 test: up data
 	@$(VPY) -m pytest $(PYTEST_ARGS)
 
-# crashes, outages (stops shared services), fuzzing, security: long, run on their own
+# crashes, outages (stops shared services), fuzzing, security: also run by `make test`, last
 reliability: up data
 	@$(VPY) -m pytest tests/reliability $(PYTEST_ARGS)
 
