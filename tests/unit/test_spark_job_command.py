@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from handlers.spark_job import SparkJobSettings, build_ml_zip, submit_command, submit_env
+from handlers.spark_job import SparkJobSettings
+from handlers.spark_submit import build_ml_zip, submit_command, submit_env
 from ml import features as mlf
 from spark.features_job import (
     KEY_COLUMNS,
