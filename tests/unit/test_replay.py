@@ -31,7 +31,7 @@ def test_batch_format_carries_sequence_numbers_and_all_rows():
     decoded = [json.loads(p) for _, p in msgs]
     assert [d["seq"] for d in decoded] == [0, 100, 200]
     assert [len(d["rows"]) for d in decoded] == [100, 100, 50]
-    assert np.array_equal(np.array(sum((d["rows"] for d in decoded), [])), rows)
+    assert np.array_equal(np.array([r for d in decoded for r in d["rows"]]), rows)
     assert decoded[0]["device"] == "insole-GaPt03_02"
 
 
