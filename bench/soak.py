@@ -164,10 +164,18 @@ async def sample(pipeline: rs.PipelineProcess, names: RunNames, load: Load, t0: 
     spark = sum(rss_mb(p) for p in descendants(pipeline.pid or 0))
     mongo, _ = await rs.diagnosed(names)
     feats = (hs.get("features") or {}).get("detail", "")
-    failures = 0.0
+    failures, reruns, arrow = 0.0, 0.0, 0.0
     for line in (await pipeline.metrics()).splitlines():
         if line.startswith("gaitflow_spark_job_failures"):
             failures += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("gaitflow_spark_job_input_reruns"):
+            reruns += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("gaitflow_arrow_allocated_bytes"):
+            arrow = float(line.rsplit(" ", 1)[1]) / 1e6
+    peak["spark_reruns"] = reruns
+    peak.setdefault("arrow_first", arrow)
+    peak["arrow_last"] = arrow
+    peak["arrow"] = max(peak.get("arrow", 0.0), arrow)
     peak["spark_failures"] = failures
     peak["rss"] = max(peak.get("rss", 0.0), rss)
     peak["lag"] = max(peak.get("lag", 0.0), lag)
@@ -175,7 +183,7 @@ async def sample(pipeline: rs.PipelineProcess, names: RunNames, load: Load, t0: 
     peak["rss_last"] = rss
     el = time.monotonic() - t0
     return (f"{el:6.0f}s sent {load.sent_rows:>8} rows ({load.sent_rows / max(el, 1e-9):6.0f}/s)"
-            f" | RSS {rss:6.1f} MB (+spark {spark:6.1f}) | ack lag {lag:6.1f} s, "
+            f" | RSS {rss:6.1f} MB (arrow {arrow:5.1f}, +spark {spark:6.1f}) | ack lag {lag:6.1f} s, "
             f"pending {ack.get('pending', 0)} | depth {busy or 0} | dead {dead} | "
             f"diagnosed {len(mongo)}/{len(load.ended)} ended | spark failed runs "
             f"{failures:.0f} | {str(feats)[:50]}")
@@ -238,9 +246,12 @@ async def soak(args: argparse.Namespace) -> int:
               f"sent {load.sent_rows} samples ({load.sent_rows / (args.minutes * 60):.0f}/s), "
               f"{len(expected)} recordings")
         print(f"  pipeline RSS start {peak.get('rss_first', 0):.1f} MB, end "
-              f"{peak.get('rss_last', 0):.1f} MB, peak {peak.get('rss', 0):.1f} MB")
+              f"{peak.get('rss_last', 0):.1f} MB, peak {peak.get('rss', 0):.1f} MB; of which "
+              f"Arrow's pool start {peak.get('arrow_first', 0):.1f} MB, end "
+              f"{peak.get('arrow_last', 0):.1f} MB, peak {peak.get('arrow', 0):.1f} MB")
         print(f"  peak ack lag {peak.get('lag', 0):.1f} s; dead letters {len(dead)}; "
-              f"Spark runs failed (retried) {peak.get('spark_failures', 0):.0f}; "
+              f"Spark runs failed (retried) {peak.get('spark_failures', 0):.0f}, rerun "
+              f"because an input was merged away {peak.get('spark_reruns', 0):.0f}; "
               f"exit status {stop_rc}")
         print(f"  samples lost {lost}, duplicated {dup}; every store exact: {result.ok}")
         reasons = Counter((d["handler"], d["reason"][:160]) for d in dead)

@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
+import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-__all__ = ["HandlerMetrics", "MetricsRegistry"]
+__all__ = ["HandlerMetrics", "MetricsRegistry", "process_samples", "register_process_metrics"]
 
 PREFIX = "gaitflow_"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0, 30.0)
 _NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def _escape(value: str) -> str:
@@ -201,3 +205,38 @@ class HandlerMetrics:
         """A histogram labelled with this handler: ``.observe(v)``."""
         return self.registry.family(name, doc or name, "histogram", ["handler"],
                                     buckets).labels(self.handler)
+
+
+def process_samples() -> dict[str, float]:
+    """This process's resident memory, CPU time, open descriptors and the bytes held by
+    Arrow's memory pool (memory the pool keeps for reuse shows in RSS, not here)."""
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/statm") as f:
+            out["resident_memory_bytes"] = float(int(f.read().split()[1]) * _PAGE)
+    except (OSError, IndexError, ValueError):
+        pass
+    t = os.times()
+    out["cpu_seconds"] = t.user + t.system
+    with contextlib.suppress(OSError):
+        out["open_fds"] = float(len(os.listdir("/proc/self/fd")))
+    pa = sys.modules.get("pyarrow")  # only when something already uses Arrow
+    if pa is not None:
+        out["arrow_allocated_bytes"] = float(pa.total_allocated_bytes())
+    return out
+
+
+def register_process_metrics(registry: MetricsRegistry) -> None:
+    """``gaitflow_process_*`` and ``gaitflow_arrow_allocated_bytes``, read at scrape time."""
+    families = {
+        "resident_memory_bytes": ("process_resident_memory_bytes",
+                                  "Resident memory of the pipeline process", "gauge"),
+        "cpu_seconds": ("process_cpu_seconds", "User and system CPU time", "counter"),
+        "open_fds": ("process_open_fds", "Open file descriptors", "gauge"),
+        "arrow_allocated_bytes": ("arrow_allocated_bytes", "Bytes held in Arrow's memory pool",
+                                  "gauge"),
+    }
+    for key, (name, doc, kind) in families.items():
+        registry.family(name, doc, kind).set_function(
+            lambda key=key: [([], v)] if (v := process_samples().get(key)) is not None else [])
+

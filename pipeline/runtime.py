@@ -25,7 +25,7 @@ from .delivery import HandlerContext, HandlerFailed
 from .graph import Graph
 from .handler import Handler, Source
 from .log import get_logger, scrub
-from .metrics import HandlerMetrics, MetricsRegistry
+from .metrics import HandlerMetrics, MetricsRegistry, register_process_metrics
 from .plugins import Registry
 
 __all__ = ["RunReport", "Runtime", "StartError"]
@@ -176,6 +176,7 @@ class Runtime:
                      for n, h in self.handlers.items()])
         r.family("ready", "1 when every handler started and is connected", "gauge",
                  []).set_function(lambda: [([], float(self.readiness()[0]))])
+        register_process_metrics(r)
 
     # -- state ------------------------------------------------------------------------
     def readiness(self) -> tuple[bool, dict[str, str]]:

@@ -92,6 +92,12 @@ async def test_metrics_and_status_content(make_runtime) -> None:
         'gaitflow_ready 1',
     ]:
         assert expected in text, expected
+    process = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines()
+               if ln.startswith(("gaitflow_process_", "gaitflow_arrow_"))}
+    assert process["gaitflow_process_resident_memory_bytes"] > 10e6
+    assert process["gaitflow_process_cpu_seconds_total"] > 0
+    assert process["gaitflow_process_open_fds"] >= 3
+    assert process["gaitflow_arrow_allocated_bytes"] >= 0
     sink = status["handlers"]["sink"]
     assert status["state"] == "running" and status["ready"] is True
     assert sink["kind"] == "sink" and sink["dead_letters"] == 1 and sink["input"]["capacity"] == 3
@@ -156,3 +162,16 @@ async def test_bearer_token_protects_everything_but_probes(
             assert resp.status == status
             if status == 401:
                 assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_arrow_pool_bytes_follow_allocations() -> None:
+    import pyarrow as pa
+
+    from pipeline.metrics import process_samples
+
+    before = process_samples()["arrow_allocated_bytes"]
+    held = pa.array(range(1_000_000), type=pa.int64())
+    assert process_samples()["arrow_allocated_bytes"] >= before + 8_000_000
+    del held
+    assert process_samples()["arrow_allocated_bytes"] < before + 8_000_000
+
