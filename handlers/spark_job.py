@@ -126,7 +126,8 @@ _SEGMENT_PATH = re.compile(
 
 #: seconds between lake probes while disconnected
 REPROBE_S = 5.0
-# a file listed by the job was deleted before it was read (Spark's error class, Hadoop's)
+# a file listed by the job was deleted before it was read (Spark's error class, Hadoop's),
+# on the line that names the file
 _VANISHED = re.compile(r"FAILED_READ_FILE\.FILE_NOT_EXIST|FileNotFoundException")
 INPUT_RERUN_DELAY_S = 2.0
 
@@ -611,11 +612,9 @@ class SparkJob(Processor):
     @staticmethod
     def _inputs_vanished(job: _Job, attempt: SparkAttempt) -> bool:
         """Did the run fail because a segment file of its recordings disappeared?"""
-        text = "\n".join([attempt.error or "", *attempt.tail])
-        if not _VANISHED.search(text):
-            return False
-        return any(re.search(rf"recording={re.escape(r)}/[^/\s]+\.parquet", text)
-                   for r in job.recordings)
+        lines = [ln for ln in (attempt.error or "", *attempt.tail) if _VANISHED.search(ln)]
+        return any(re.search(rf"recording={re.escape(r)}/[^/\s]+\.parquet", ln)
+                   for ln in lines for r in job.recordings)
 
     async def _job_args(self, job: _Job) -> list[str]:
         s = self.settings
