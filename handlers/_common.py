@@ -1,13 +1,16 @@
 """Helpers shared by several built-in handlers (append new sections; keep each self-contained)."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from pipeline import Batch, Reject, Sink
 
 # -- document stores (mongo_sink, es_sink) ------------------------------------------
 # Rows become one document each, keyed by a column; these helpers keep the
@@ -130,3 +133,111 @@ def group_rows(failures: Iterable[tuple[int, str]]) -> dict[str, list[int]]:
     for row, reason in failures:
         grouped.setdefault(reason, []).append(int(row))
     return grouped
+
+
+# -- document store sinks: connection, retries, dead letters (mongo_sink, es_sink) ----------
+#: one pass over pending documents: ``(transient failures, their cause, [(doc, reason)])``
+Round = Callable[[list[int]],
+                 Awaitable[tuple[list[int], BaseException | None, list[tuple[int, str]]]]]
+
+
+class DocumentStoreSink(Sink):
+    """What mongo_sink and es_sink share around their own client and writes.
+
+    Readiness follows the connection (``_lost`` on a failure, a ping every
+    ``health_interval`` while disconnected), transient failures are retried in
+    rounds per ``retry_policy``, refused rows are dead-lettered one call per reason.
+    A subclass sets ``store`` (its name in messages), ``event`` (the prefix of its log
+    events and metrics) and ``ping_errors``, implements ``_ping``, keeps its client in
+    ``_client`` and calls ``_watch_from_now`` at the end of ``start()``.
+    """
+
+    store: ClassVar[str]
+    event: ClassVar[str]
+    ping_errors: ClassVar[tuple[type[BaseException], ...]]
+    _client: Any
+    _watch: asyncio.Task[None] | None
+    _written: Any
+    _refused: Any
+
+    async def _ping(self) -> None:
+        raise NotImplementedError
+
+    def _watch_from_now(self, written: str) -> None:
+        """The metrics (``written``: help of the written counter), the watch, readiness."""
+        self._written = self.metrics.counter(f"{self.event}_documents_written", written)
+        self._refused = self.metrics.counter(f"{self.event}_documents_refused",
+                                             "documents dead-lettered (permanent errors)")
+        self._watch = asyncio.create_task(self._watch_connection(), name=f"{self.name}:ping")
+        self.set_connected(True)
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+            self._watch = None
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
+    def _on_retry(self, attempt: int, exc: BaseException, pause: float) -> None:
+        self._lost(exc)
+        self.log.warning(f"{self.event}.retry", attempt=attempt, delay_s=round(pause, 3),
+                         error=f"{type(exc).__name__}: {exc}")
+
+    def _lost(self, exc: BaseException) -> None:
+        self.set_connected(False, f"{self.store} unreachable: {type(exc).__name__}: {exc}")
+
+    async def _watch_connection(self) -> None:
+        # readiness recovers when the server is back, even without traffic
+        while True:
+            await asyncio.sleep(self.settings.health_interval)
+            if self.health()[0] or self._client is None:
+                continue
+            try:
+                await self._ping()
+            except self.ping_errors as exc:
+                self.log.debug(f"{self.event}.ping_failed", error=f"{type(exc).__name__}: {exc}")
+            else:
+                self.set_connected(True)
+
+    async def _prepare(self, batch: Batch, *, id_field: str | None = None) -> PreparedDocuments:
+        """The batch's documents (``prepare_documents``); what it refuses is dead-lettered."""
+        s = self.settings
+        if s.key not in batch.schema.names:
+            raise Reject(f"no key column {s.key!r} in the batch (columns: "
+                         f"{', '.join(batch.schema.names)})")
+        prepared = prepare_documents(batch.data, s.key, reject_non_finite=s.reject_non_finite,
+                                     id_field=id_field)
+        for rows, reason in prepared.rejected:
+            await self.dead_letter(batch, rows=rows, reason=reason)
+        return prepared
+
+    async def _refuse(self, batch: Batch, refused: Iterable[tuple[int, str]]) -> None:
+        """Dead-letter ``(row, reason)`` pairs, one call per reason, and count them."""
+        for reason, rows in group_rows(refused).items():
+            self._refused.inc(len(rows))
+            await self.dead_letter(batch, rows=rows, reason=reason)
+
+    async def _retry_rounds(self, round_: Round, pending: list[int],
+                            ) -> tuple[list[int], BaseException | None, list[tuple[int, str]]]:
+        """Run ``round_`` on ``pending`` until nothing fails transiently or attempts run out.
+
+        Returns ``(still failing, their cause, [(doc, reason) refused for good])``.
+        """
+        policy = self.settings.retry_policy
+        refused: list[tuple[int, str]] = []
+        cause: BaseException | None = None
+        for attempt in range(1, policy.max_attempts + 1):
+            if not pending:
+                break
+            pending, cause, refused_now = await round_(pending)
+            refused += refused_now
+            if not pending or attempt == policy.max_attempts:
+                break
+            pause = policy.delay(attempt)
+            self.log.warning(f"{self.event}.retry", attempt=attempt, of=policy.max_attempts,
+                             delay_s=round(pause, 3), documents=len(pending),
+                             error=f"{type(cause).__name__}: {cause}")
+            await asyncio.sleep(pause)
+        return pending, cause, refused

@@ -75,9 +75,9 @@ from elasticsearch import ApiError, AsyncElasticsearch, BadRequestError
 from elasticsearch.helpers import async_streaming_bulk
 from elasticsearch.serializer import JsonSerializer
 
-from pipeline import Batch, PartialFailure, Reject, RetryPolicy, Secret, Sink, setting
+from pipeline import Batch, PartialFailure, RetryPolicy, Secret, setting
 
-from ._common import group_rows, prepare_documents
+from ._common import DocumentStoreSink
 
 __all__ = ["DEFAULT_MAPPINGS", "EsItemError", "EsSink", "EsSinkSettings"]
 
@@ -167,11 +167,14 @@ def _item_reason(status: int, error: Any) -> str:
     return f"Elasticsearch refused the document ({status}): {text}"
 
 
-class EsSink(Sink):
+class EsSink(DocumentStoreSink):
     """Indexes rows as documents with ``_id`` = ``key``; see the module docstring."""
 
     Settings: ClassVar[type] = EsSinkSettings
     settings: EsSinkSettings
+    store: ClassVar[str] = "Elasticsearch"
+    event: ClassVar[str] = "es"
+    ping_errors: ClassVar[tuple[type[BaseException], ...]] = (TransportError, ApiError)
 
     def __init__(self, name: str, settings: EsSinkSettings | None = None) -> None:
         super().__init__(name, settings)
@@ -205,42 +208,12 @@ class EsSink(Sink):
             await self._client.close()
             self._client = None
             raise
-        self._written = self.metrics.counter("es_documents_written",
-                                             "documents indexed into Elasticsearch")
-        self._refused = self.metrics.counter("es_documents_refused",
-                                             "documents dead-lettered (permanent errors)")
-        self._watch = asyncio.create_task(self._watch_connection(), name=f"{self.name}:ping")
-        self.set_connected(True)
+        self._watch_from_now("documents indexed into Elasticsearch")
         self.log.info("es.connected", server=self.server, index=s.index, manage=s.manage)
 
-    async def close(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            await asyncio.gather(self._watch, return_exceptions=True)
-            self._watch = None
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.close()
-
-    def _on_retry(self, attempt: int, exc: BaseException, pause: float) -> None:
-        self._lost(exc)
-        self.log.warning("es.retry", attempt=attempt, delay_s=round(pause, 3),
-                         error=f"{type(exc).__name__}: {exc}")
-
-    def _lost(self, exc: BaseException) -> None:
-        self.set_connected(False, f"Elasticsearch unreachable: {type(exc).__name__}: {exc}")
-
-    async def _watch_connection(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.health_interval)
-            if self.health()[0] or self._client is None:
-                continue
-            try:
-                await self._client.info()
-            except (TransportError, ApiError) as exc:
-                self.log.debug("es.ping_failed", error=f"{type(exc).__name__}: {exc}")
-            else:
-                self.set_connected(True)
+    async def _ping(self) -> None:
+        assert self._client is not None
+        await self._client.info()
 
     async def _ensure_index(self) -> None:
         s, client = self.settings, self._client
@@ -290,12 +263,7 @@ class EsSink(Sink):
     # -- writing ----------------------------------------------------------------------
     async def write(self, batch: Batch) -> None:
         s = self.settings
-        if s.key not in batch.schema.names:
-            raise Reject(f"no key column {s.key!r} in the batch (columns: "
-                         f"{', '.join(batch.schema.names)})")
-        prepared = prepare_documents(batch.data, s.key, reject_non_finite=s.reject_non_finite)
-        for rows, reason in prepared.rejected:
-            await self.dead_letter(batch, rows=rows, reason=reason)
+        prepared = await self._prepare(batch)
         positions = prepared.positions
         keys = pc.cast(batch.data.column(s.key).take(pa.array(positions)), pa.string())
         too_long = pc.greater(pc.binary_length(keys), MAX_ID_BYTES).to_numpy(
@@ -319,9 +287,7 @@ class EsSink(Sink):
                 sendable.append(i)
         retry, cause, refused_items = await self.index(ids, bodies, sendable)
         refused += [(int(positions[i]), reason) for i, reason in refused_items]
-        for reason, rows in group_rows(refused).items():
-            self._refused.inc(len(rows))
-            await self.dead_letter(batch, rows=rows, reason=reason)
+        await self._refuse(batch, refused)
         if retry:
             raise PartialFailure([int(positions[i]) for i in retry],
                                  cause or RuntimeError("bulk failed"))
@@ -332,22 +298,7 @@ class EsSink(Sink):
 
         Returns ``(still failing, their cause, [(position, reason) refused for good])``.
         """
-        policy = self.settings.retry_policy
-        refused: list[tuple[int, str]] = []
-        cause: BaseException | None = None
-        for attempt in range(1, policy.max_attempts + 1):
-            if not pending:
-                break
-            pending, cause, refused_now = await self._round(ids, bodies, pending)
-            refused += refused_now
-            if not pending or attempt == policy.max_attempts:
-                break
-            pause = policy.delay(attempt)
-            self.log.warning("es.retry", attempt=attempt, of=policy.max_attempts,
-                             delay_s=round(pause, 3), documents=len(pending),
-                             error=f"{type(cause).__name__}: {cause}")
-            await asyncio.sleep(pause)
-        return pending, cause, refused
+        return await self._retry_rounds(lambda p: self._round(ids, bodies, p), pending)
 
     async def _round(self, ids: list[str], bodies: list[bytes], pending: list[int],
                      ) -> tuple[list[int], BaseException | None, list[tuple[int, str]]]:

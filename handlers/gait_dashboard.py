@@ -87,6 +87,7 @@ if TYPE_CHECKING:
 __all__ = ["GaitDashboardSettings", "settings_from_runtime", "setup"]
 
 STATIC_DIR = Path(__file__).resolve().parent / "gait_dashboard_static"
+GAIT_CSS = "/gait/static/gait.css"
 ENV_PREFIX = "GAITFLOW_DASHBOARD_"
 
 
@@ -210,11 +211,14 @@ def _recording_id(request: web.Request) -> str:
 
 
 async def _diagnoses_page(request: web.Request) -> web.Response:
-    return page(request, STATIC_DIR / "diagnoses.html")
+    return page(request, STATIC_DIR / "diagnoses.html", title="diagnoses",
+                stylesheets=(GAIT_CSS,))
 
 
 async def _recording_page(request: web.Request) -> web.Response:
-    return page(request, STATIC_DIR / "recording.html", recording=_recording_id(request))
+    recording = _recording_id(request)
+    return page(request, STATIC_DIR / "recording.html", title=recording, stylesheets=(GAIT_CSS,),
+                recording=recording)
 
 
 # -- API -----------------------------------------------------------------------------------

@@ -92,9 +92,9 @@ from bson.errors import InvalidDocument
 from pymongo import AsyncMongoClient, IndexModel
 from pymongo.errors import ConnectionFailure, DocumentTooLarge, OperationFailure, PyMongoError
 
-from pipeline import Batch, PartialFailure, Reject, RetryPolicy, Secret, Sink, setting
+from pipeline import Batch, PartialFailure, RetryPolicy, Secret, setting
 
-from ._common import PreparedDocuments, group_rows, prepare_documents
+from ._common import DocumentStoreSink, PreparedDocuments
 
 __all__ = ["IndexSpec", "MongoSink", "MongoSinkSettings", "MongoWriteError"]
 
@@ -186,11 +186,14 @@ class MongoSinkSettings:
             raise ValueError(f"index names must be unique and not '_id_': {names}")
 
 
-class MongoSink(Sink):
+class MongoSink(DocumentStoreSink):
     """Upserts rows as documents keyed by ``key`` (``_id``); see the module docstring."""
 
     Settings: ClassVar[type] = MongoSinkSettings
     settings: MongoSinkSettings
+    store: ClassVar[str] = "MongoDB"
+    event: ClassVar[str] = "mongo"
+    ping_errors: ClassVar[tuple[type[BaseException], ...]] = (PyMongoError,)
 
     def __init__(self, name: str, settings: MongoSinkSettings | None = None) -> None:
         super().__init__(name, settings)
@@ -231,49 +234,18 @@ class MongoSink(Sink):
             await self._client.close()
             self._client = None
             raise
-        self._written = self.metrics.counter("mongo_documents_written",
-                                             "documents upserted into MongoDB")
-        self._refused = self.metrics.counter("mongo_documents_refused",
-                                             "documents dead-lettered (permanent errors)")
-        self._watch = asyncio.create_task(self._watch_connection(), name=f"{self.name}:ping")
-        self.set_connected(True)
+        self._watch_from_now("documents upserted into MongoDB")
         self.log.info("mongo.connected", server=self.server, database=s.database,
                       collection=s.collection,
                       write_mode="insert_first" if self.insert_first else "upsert")
-
-    async def close(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            await asyncio.gather(self._watch, return_exceptions=True)
-            self._watch = None
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.close()
 
     async def _build_info(self) -> dict[str, Any]:
         assert self._client is not None
         return await self._client.admin.command("buildInfo")
 
-    def _on_retry(self, attempt: int, exc: BaseException, pause: float) -> None:
-        self._lost(exc)
-        self.log.warning("mongo.retry", attempt=attempt, delay_s=round(pause, 3),
-                         error=f"{type(exc).__name__}: {exc}")
-
-    def _lost(self, exc: BaseException) -> None:
-        self.set_connected(False, f"MongoDB unreachable: {type(exc).__name__}: {exc}")
-
-    async def _watch_connection(self) -> None:
-        # readiness recovers when the server is back, even without traffic
-        while True:
-            await asyncio.sleep(self.settings.health_interval)
-            if self.health()[0] or self._client is None:
-                continue
-            try:
-                await self._client.admin.command("ping")
-            except PyMongoError as exc:
-                self.log.debug("mongo.ping_failed", error=f"{type(exc).__name__}: {exc}")
-            else:
-                self.set_connected(True)
+    async def _ping(self) -> None:
+        assert self._client is not None
+        await self._client.admin.command("ping")
 
     async def _ensure_indexes(self) -> None:
         s = self.settings
@@ -298,18 +270,9 @@ class MongoSink(Sink):
 
     # -- writing ----------------------------------------------------------------------
     async def write(self, batch: Batch) -> None:
-        s = self.settings
-        if s.key not in batch.schema.names:
-            raise Reject(f"no key column {s.key!r} in the batch (columns: "
-                         f"{', '.join(batch.schema.names)})")
-        prepared = prepare_documents(batch.data, s.key, reject_non_finite=s.reject_non_finite,
-                                     id_field="_id")
-        for rows, reason in prepared.rejected:
-            await self.dead_letter(batch, rows=rows, reason=reason)
+        prepared = await self._prepare(batch, id_field="_id")
         retry_rows, cause, refused = await self.upsert(prepared)
-        for reason, rows in group_rows(refused).items():
-            self._refused.inc(len(rows))
-            await self.dead_letter(batch, rows=rows, reason=reason)
+        await self._refuse(batch, refused)
         if retry_rows:
             raise PartialFailure(retry_rows, cause or RuntimeError("write failed"))
 
@@ -321,21 +284,10 @@ class MongoSink(Sink):
         rows as batch positions.
         """
         docs, positions = prepared.docs, prepared.positions
-        policy = self.settings.retry_policy
-        pending = list(range(len(docs)))
-        refused: list[tuple[int, str]] = []
-        cause: BaseException | None = None
-        for attempt in range(1, policy.max_attempts + 1):
-            pending, cause, refused_now = await self._round(docs, pending)
-            refused.extend((int(positions[i]), reason) for i, reason in refused_now)
-            if not pending or attempt == policy.max_attempts:
-                break
-            pause = policy.delay(attempt)
-            self.log.warning("mongo.retry", attempt=attempt, of=policy.max_attempts,
-                             delay_s=round(pause, 3), documents=len(pending),
-                             error=f"{type(cause).__name__}: {cause}")
-            await asyncio.sleep(pause)
-        return [int(positions[i]) for i in pending], cause, refused
+        pending, cause, refused = await self._retry_rounds(lambda p: self._round(docs, p),
+                                                           list(range(len(docs))))
+        return ([int(positions[i]) for i in pending], cause,
+                [(int(positions[i]), reason) for i, reason in refused])
 
     async def _round(self, docs: list[dict[str, Any]], pending: list[int],
                      ) -> tuple[list[int], BaseException | None, list[tuple[int, str]]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -262,3 +263,26 @@ def run_async(fn: Callable[[], Awaitable[T]], timeout: float) -> T:
     if not result:
         raise TimeoutError(f"no answer within {timeout}s")
     return result[0]
+
+
+def listening(port: int) -> bool:
+    """True when something accepts a TCP connection on ``127.0.0.1:port``."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def probe_ready(port: int, check: Callable[[], bool]) -> bool:
+    """``check()`` (a real client request) once ``port`` listens; any failure: not ready yet.
+
+    The cheap TCP probe comes before the client: a client library retrying against a
+    closed port logs tracebacks on every poll while the server boots.
+    """
+    if not listening(port):
+        return False
+    try:
+        return check()
+    except Exception:  # noqa: BLE001 - any failure means "not ready yet"
+        return False

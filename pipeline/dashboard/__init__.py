@@ -43,7 +43,8 @@ fragment never reaches a server or a log and is removed from the address bar).
   folded).
 
 Extensions add their pages to the navigation bar with :func:`add_link`, and
-serve their shells with :func:`page` (same header, token handling and CSS).
+serve their shells with :func:`page` (same header, token handling and CSS: a shell
+starts with a `{{top}}` line, the top every page shares, `static/page_top.html`).
 """
 from __future__ import annotations
 
@@ -113,18 +114,35 @@ def add_link(app: web.Application, title: str, href: str) -> None:
 
 
 _TEMPLATES: dict[Path, str] = {}
+#: the top of every dashboard page (head, header bar with navigation and sign-in): ``{{top}}``
+TOP_TEMPLATE = STATIC_DIR / "page_top.html"
 
 
-def page(request: web.Request, template: Path, **values: str) -> web.Response:
+def _template(path: Path) -> str:
+    text = _TEMPLATES.get(path)
+    if text is None:
+        text = _TEMPLATES[path] = path.read_text(encoding="utf-8")
+    return text
+
+
+def page(request: web.Request, template: Path, *, title: str = "", status: str = "loading…",
+         stylesheets: tuple[str, ...] = (), **values: str) -> web.Response:
     """Serve an HTML shell: ``{{nav}}`` and ``{{name}}`` placeholders filled, HTML-escaped.
 
+    A ``{{top}}`` line becomes the top every dashboard page shares (``page_top.html``):
+    ``<head>`` with ``title``, dashboard.css and then ``stylesheets``, and the header bar
+    (navigation, sign-in, a connection pill reading ``status`` until the script runs).
     The shell holds no data (its script fetches it with the token), so it may be
     public.
     """
-    text = _TEMPLATES.get(template)
-    if text is None:
-        text = _TEMPLATES[template] = template.read_text(encoding="utf-8")
-    nav = "".join(_link(request.path, title, href) for title, href in
+    text = _template(template)
+    if "{{top}}\n" in text:
+        links = "".join(f'<link rel="stylesheet" href="{html.escape(href)}">\n'
+                        for href in stylesheets)
+        top = _template(TOP_TEMPLATE).replace("{{stylesheets}}", links)
+        text = text.replace("{{top}}\n", top, 1)
+        values = {"title": title, "status": status, **values}
+    nav = "".join(_link(request.path, label, href) for label, href in
                   request.app.get(LINKS_KEY, []))
     text = text.replace("{{nav}}", nav)
     for name, value in values.items():
@@ -145,7 +163,7 @@ async def _redirect(request: web.Request) -> web.Response:
 
 
 async def _index(request: web.Request) -> web.Response:
-    return page(request, STATIC_DIR / "index.html")
+    return page(request, STATIC_DIR / "index.html", title="pipeline", status="connecting…")
 
 
 async def _state(request: web.Request) -> web.Response:

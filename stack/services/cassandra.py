@@ -9,13 +9,12 @@ few start-up shortcuts that are safe for a single node.
 """
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
 from .. import maven
 from ..config import ROOT
-from ..service import Service, _java_major, java_home
+from ..service import Service, _java_major, java_home, probe_ready
 
 POM_DIR = ROOT / "stack" / "poms" / "cassandra"
 CLUSTER = "gaitflow"
@@ -188,12 +187,7 @@ class Cassandra(Service):
         self.spawn(argv, env={"JAVA_HOME": jhome})
 
     def ready(self) -> bool:
-        if not _listening(int(self.opts["port"])):
-            return False
-        try:
-            return self._query()
-        except Exception:  # noqa: BLE001 - any failure means "not ready yet"
-            return False
+        return probe_ready(int(self.opts["port"]), self._query)
 
     def _query(self) -> bool:
         from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
@@ -222,13 +216,3 @@ def _java_for_cassandra() -> str:
             return str(cand)
     raise RuntimeError("cassandra: Cassandra 5.0 needs Java 17 (or 11); none found under "
                        "/usr/lib/jvm (apt-get install openjdk-17-jre-headless)")
-
-
-def _listening(port: int) -> bool:
-    """A cheap TCP probe before the client: a client library retrying against a
-    closed port logs tracebacks on every poll while the server boots."""
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True

@@ -19,7 +19,6 @@ import hashlib
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import time
 import zipfile
@@ -28,7 +27,7 @@ from typing import TypeVar
 
 from .. import maven
 from ..config import ROOT
-from ..service import Service, java_home, run_async
+from ..service import Service, java_home, probe_ready, run_async
 
 VERSION = "9.5.3"
 ARTIFACT = f"org.elasticsearch.distribution.integ-test-zip:elasticsearch:{VERSION}:zip"
@@ -199,12 +198,7 @@ class Elasticsearch(Service):
         self.spawn(argv, env=env, cwd=self.home)
 
     def ready(self) -> bool:
-        if not _listening(int(self.opts["port"])):
-            return False
-        try:
-            return run_async(self._health, timeout=5.0)
-        except Exception:  # noqa: BLE001 - any failure means "not ready yet"
-            return False
+        return probe_ready(int(self.opts["port"]), lambda: run_async(self._health, timeout=5.0))
 
     async def _health(self) -> bool:
         from elasticsearch import AsyncElasticsearch
@@ -221,16 +215,6 @@ RELOCATED = Path("/var/lib/gaitflow-stack")
 def _world_traversable(path: Path) -> bool:
     """True when every directory from / down to ``path`` has the o+x bit."""
     return all(os.stat(p).st_mode & 0o001 for p in [path, *path.parents])
-
-
-def _listening(port: int) -> bool:
-    """A cheap TCP probe before the client: a client library retrying against a
-    closed port logs tracebacks on every poll while the server boots."""
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
 
 
 def _run(argv: list[str]) -> None:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import TypeVar
 
-from ..service import Service, run_async
+from ..service import Service, probe_ready, run_async
 
 MODULE = "github.com/FerretDB/FerretDB"
 # The newest 1.24 patch release. (FerretDB 2.x is the module .../FerretDB/v2 and
@@ -115,12 +114,8 @@ class FerretDB(Service):
         ], env={"FERRETDB_TELEMETRY": "disable", "DO_NOT_TRACK": "1"})
 
     def ready(self) -> bool:
-        if not _listening(int(self.opts["port"])):
-            return False
-        try:
-            return run_async(self._roundtrip, timeout=5.0)
-        except Exception:  # noqa: BLE001 - any failure means "not ready yet"
-            return False
+        return probe_ready(int(self.opts["port"]),
+                           lambda: run_async(self._roundtrip, timeout=5.0))
 
     async def _roundtrip(self) -> bool:
         from pymongo import AsyncMongoClient
@@ -136,13 +131,3 @@ class FerretDB(Service):
             return doc is not None
         finally:
             await client.close()
-
-
-def _listening(port: int) -> bool:
-    """A cheap TCP probe before the client: a client library retrying against a
-    closed port logs tracebacks on every poll while the server boots."""
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True

@@ -9,10 +9,14 @@ import asyncio
 import dataclasses
 import io
 from collections import Counter
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from handlers.webhdfs import FileStatus, WebHdfs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,25 +76,33 @@ class RunNames:
         ]
 
 
+async def lake_entries(fs: WebHdfs, root: str) -> AsyncIterator[FileStatus]:
+    """Every file and directory under ``root``, depth first (a vanished directory: skipped)."""
+    from handlers.webhdfs import NotFound
+
+    todo = [root]
+    while todo:
+        path = todo.pop()
+        try:
+            entries = await fs.list_status(path)
+        except NotFound:
+            continue
+        for st in entries:
+            yield st
+            if st.is_dir:
+                todo.append(st.path)
+
+
 async def lake_samples(webhdfs_url: str, root: str) -> pa.Table:
     """Every Parquet file under ``root`` (recursively), concatenated."""
-    from handlers.webhdfs import NotFound, WebHdfs
+    from handlers.webhdfs import WebHdfs
 
     tables: list[pa.Table] = []
     async with WebHdfs(webhdfs_url) as fs:
-        todo = [root]
-        while todo:
-            path = todo.pop()
-            try:
-                entries = await fs.list_status(path)
-            except NotFound:
-                continue
-            for st in entries:
-                if st.is_dir:
-                    todo.append(st.path)
-                elif st.path.endswith(".parquet"):
-                    tables.append(pq.read_table(io.BytesIO(await fs.open(st.path)),
-                                                columns=["recording", "seq"]))
+        async for st in lake_entries(fs, root):
+            if not st.is_dir and st.path.endswith(".parquet"):
+                tables.append(pq.read_table(io.BytesIO(await fs.open(st.path)),
+                                            columns=["recording", "seq"]))
     if not tables:
         return pa.table({"recording": pa.array([], pa.string()), "seq": pa.array([], pa.int64())})
     return pa.concat_tables(tables)

@@ -5,9 +5,8 @@ A server that is not up fails the test with the command that starts it.
 """
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -65,25 +64,6 @@ def keyspace(session: Any) -> Iterator[str]:
     name = f"it_cass_{RUN}_{uuid.uuid4().hex[:6]}"
     yield name
     session.execute(f'DROP KEYSPACE IF EXISTS "{name}"')
-
-
-@pytest.fixture
-async def runtimes() -> AsyncIterator[Callable[..., Runtime]]:
-    built: list[Runtime] = []
-
-    def make(handlers: dict[str, Any]) -> Runtime:
-        rt = Runtime.from_dict({"runtime": {"admin_enabled": False, "drain_timeout": 30.0},
-                                "dead_letter": {"target": "dlq"},
-                                "handlers": {**handlers, "dlq": {"type": "memory_sink"}}},
-                               file="test_cassandra_sink.toml")
-        built.append(rt)
-        return rt
-
-    yield make
-    for rt in built:
-        if rt._main is not None and not rt._main.done():
-            rt.request_stop("test teardown")
-            await asyncio.wait_for(rt._main, 30)
 
 
 def sample_rows(recordings: list[str], n: int) -> list[dict[str, Any]]:

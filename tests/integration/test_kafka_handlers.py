@@ -111,22 +111,9 @@ async def topics(kafka: str) -> AsyncIterator[Callable[..., str]]:
 
 
 @pytest.fixture
-async def runtimes() -> AsyncIterator[Callable[..., Runtime]]:
-    built: list[Runtime] = []
-
-    def make(handlers: dict[str, Any], **runtime: Any) -> Runtime:
-        doc = {"runtime": {"admin_enabled": False, "drain_timeout": 10.0, **runtime},
-               "dead_letter": {"target": "dlq"},
-               "handlers": {**handlers, "dlq": {"type": "memory_sink"}}}
-        rt = Runtime.from_dict(doc, file="test_kafka_handlers.toml")
-        built.append(rt)
-        return rt
-
-    yield make
-    for rt in built:
-        if rt._main is not None and not rt._main.done():
-            rt.request_stop("test teardown")
-            await asyncio.wait_for(rt._main, 30)
+def runtime_settings() -> dict[str, Any]:
+    """What ``runtimes`` (conftest.py) builds drains for 10 s at the most."""
+    return {"admin_enabled": False, "drain_timeout": 10.0}
 
 
 async def create_topic(kafka: str, topic: str, partitions: int) -> None:

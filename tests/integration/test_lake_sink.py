@@ -9,78 +9,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from lake_support import keys, read_lake
 
-from handlers.webhdfs import NotFound, WebHdfs
-from pipeline import RetryPolicy, Runtime, Source, setting
+from handlers.webhdfs import WebHdfs
+from pipeline import Runtime, Source, setting
 from stack.service import Service
 
 pytestmark = pytest.mark.integration
-
-PATIENT = RetryPolicy(max_attempts=30, backoff=0.5, max_backoff=3.0, jitter=0.2)
-
-
-@pytest.fixture
-def hdfs_url(stack_service: Callable[[str], Service]) -> str:
-    svc = stack_service("hdfs")
-    return f"http://127.0.0.1:{svc.opts['namenode_http']}"
-
-
-@pytest.fixture
-async def lake_root(hdfs_url: str) -> AsyncIterator[str]:
-    root = f"/tmp/gaitflow-it/lake-{uuid.uuid4().hex[:12]}"
-    yield root
-    async with WebHdfs(hdfs_url, retry=PATIENT) as fs:
-        await fs.delete(root, recursive=True)
-
-
-async def _walk(fs: WebHdfs, path: str, out: dict[str, list[Any]]) -> None:
-    try:
-        entries = await fs.list_status(path)
-    except NotFound:
-        return
-    for st in entries:
-        if st.is_dir:
-            await _walk(fs, st.path, out)
-        elif "/_tmp/" in st.path:
-            out["leftovers"].append(st.path)
-        elif st.name.endswith(".parquet"):
-            out["paths"].append(st.path)
-            out["tables"].append(pq.read_table(pa.BufferReader(await fs.open(st.path))))
-
-
-async def read_lake(url: str, root: str) -> tuple[pa.Table | None, list[str], list[str]]:
-    """(all visible rows, visible file paths, leftover _tmp files) under ``root``.
-
-    A file may vanish between the listing and the read while a pipeline replaces
-    it (compaction): then the whole read starts over.
-    """
-    async with WebHdfs(url, retry=PATIENT) as fs:
-        for _ in range(20):
-            out: dict[str, list[Any]] = {"tables": [], "paths": [], "leftovers": []}
-            try:
-                await _walk(fs, root, out)
-            except NotFound:
-                await asyncio.sleep(0.2)
-                continue
-            tables = out["tables"]
-            return (pa.concat_tables(tables) if tables else None), sorted(out["paths"]), \
-                out["leftovers"]
-    raise AssertionError(f"the lake under {root} kept changing while being read")
-
-
-def keys(lake: pa.Table | None) -> list[tuple[str, int]]:
-    if lake is None:
-        return []
-    return sorted(zip(lake.column("recording").to_pylist(), lake.column("seq").to_pylist(),
-                      strict=True))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,31 +19,22 @@ from typing import Any
 
 import aiomqtt
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from lake_support import keys, read_lake
 
 from handlers.mqtt_source import COLUMNS
-from handlers.webhdfs import NotFound, WebHdfs
-from pipeline import RetryPolicy, Runtime, StartError
+from pipeline import Runtime, StartError
 from stack.config import ROOT, StackConfig
 from stack.service import Service
 from stack.services.mosquitto import ca_file, credentials
 
 pytestmark = pytest.mark.integration
 
-PATIENT = RetryPolicy(max_attempts=30, backoff=0.5, max_backoff=3.0, jitter=0.2)
-
 
 # -- fixtures and helpers --------------------------------------------------------------------
 @pytest.fixture
 def mosquitto(stack_service: Callable[[str], Service]) -> Service:
     return stack_service("mosquitto")
-
-
-@pytest.fixture
-def hdfs_url(stack_service: Callable[[str], Service]) -> str:
-    return f"http://127.0.0.1:{stack_service('hdfs').opts['namenode_http']}"
 
 
 @pytest.fixture
@@ -61,14 +52,6 @@ async def sessions(mosquitto: Service) -> AsyncIterator[list[tuple[str, dict[str
                                   identifier=client_id, protocol=aiomqtt.ProtocolVersion.V5,
                                   clean_start=True, **kw):
             pass   # clean start + no session expiry: the broker forgets the session
-
-
-@pytest.fixture
-async def lake_root(hdfs_url: str) -> AsyncIterator[str]:
-    root = f"/tmp/gaitflow-it/mqtt-{uuid.uuid4().hex[:12]}"
-    yield root
-    async with WebHdfs(hdfs_url, retry=PATIENT) as fs:
-        await fs.delete(root, recursive=True)
 
 
 async def publish(port: int, topic: str, payloads: list[bytes], **kw: Any) -> None:
@@ -102,48 +85,6 @@ def recording(n: int, seed: int = 0) -> np.ndarray:
     rows = rng.uniform(0, 900, size=(n, 19)).round(2)
     rows[:, 0] = np.arange(n) / 100
     return rows
-
-
-async def _walk(fs: WebHdfs, path: str, out: dict[str, list[Any]]) -> None:
-    try:
-        entries = await fs.list_status(path)
-    except NotFound:
-        return
-    for st in entries:
-        if st.is_dir:
-            await _walk(fs, st.path, out)
-        elif "/_tmp/" in st.path:
-            out["leftovers"].append(st.path)
-        elif st.name.endswith(".parquet"):
-            out["paths"].append(st.path)
-            out["tables"].append(pq.read_table(pa.BufferReader(await fs.open(st.path))))
-
-
-async def read_lake(url: str, root: str) -> tuple[pa.Table | None, list[str], list[str]]:
-    """(all visible rows, visible file paths, leftover _tmp files) under ``root``.
-
-    A file may vanish between the listing and the read while a pipeline replaces
-    it (compaction): then the whole read starts over.
-    """
-    async with WebHdfs(url, retry=PATIENT) as fs:
-        for _ in range(20):
-            out: dict[str, list[Any]] = {"tables": [], "paths": [], "leftovers": []}
-            try:
-                await _walk(fs, root, out)
-            except NotFound:
-                await asyncio.sleep(0.2)
-                continue
-            tables = out["tables"]
-            return (pa.concat_tables(tables) if tables else None), sorted(out["paths"]), \
-                out["leftovers"]
-    raise AssertionError(f"the lake under {root} kept changing while being read")
-
-
-def keys(lake: pa.Table | None) -> list[tuple[str, int]]:
-    if lake is None:
-        return []
-    return sorted(zip(lake.column("recording").to_pylist(), lake.column("seq").to_pylist(),
-                      strict=True))
 
 
 def mqtt_lake(port: int, topic: str, client_id: str, url: str, root: str, dlq: Path,

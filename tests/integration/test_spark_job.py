@@ -9,7 +9,6 @@ Lake paths and the keyspace are unique per run and removed afterwards.
 from __future__ import annotations
 
 import asyncio
-import io
 import itertools
 import json
 import os
@@ -21,9 +20,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from lake_support import raw_parquet
 
 from handlers.spark_job import SparkJob
 from handlers.webhdfs import WebHdfs
@@ -57,18 +55,6 @@ class Lake:
                            "seq_last": b - 1, "rows": b - a,
                            "final": final and i == len(bounds) - 2})
         return events
-
-
-def raw_parquet(recording: str, x: np.ndarray, a: int, b: int) -> bytes:
-    """Rows ``a..b-1`` in the raw sample layout (handlers/README.md §1), zstd Parquet."""
-    cols: dict[str, Any] = {"recording": pa.array([recording] * (b - a)),
-                            "seq": pa.array(np.arange(a, b, dtype=np.int64))}
-    for j, name in enumerate(mlf.COLUMNS):
-        cols[name] = pa.array(x[a:b, j])
-    cols["device"] = pa.array([f"insole-{recording}"] * (b - a))
-    buf = io.BytesIO()
-    pq.write_table(pa.table(cols), buf, compression="zstd")
-    return buf.getvalue()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ One spark-submit run per test (full mode over a small lake).
 """
 from __future__ import annotations
 
-import io
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -16,9 +15,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from lake_support import raw_parquet
 
 from handlers.spark_job import SparkJobSettings, run_features_job
 from handlers.webhdfs import WebHdfs
@@ -35,17 +33,6 @@ LAYOUT = {
     "GaPt03_01": (3000, [("2026-12-04", 0, 3000)]),
     "GaCo03_01": (600, [("2026-12-04", 0, 600)]),                 # < one window
 }
-
-
-def raw_parquet(recording: str, x: np.ndarray, a: int, b: int) -> bytes:
-    cols: dict[str, Any] = {"recording": pa.array([recording] * (b - a)),
-                            "seq": pa.array(np.arange(a, b, dtype=np.int64))}
-    for j, name in enumerate(mlf.COLUMNS):
-        cols[name] = pa.array(x[a:b, j])
-    cols["device"] = pa.array([f"insole-{recording}"] * (b - a))
-    buf = io.BytesIO()
-    pq.write_table(pa.table(cols), buf, compression="zstd")
-    return buf.getvalue()
 
 
 @pytest.fixture

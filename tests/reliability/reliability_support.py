@@ -256,6 +256,21 @@ INGEST_ONLY = ("handlers.features.max_wait=86400.0", "handlers.features.trigger_
                'handlers.features.on_shutdown="cancel"')
 
 
+async def start_ingest_tier(names: RunNames, model_server: ModelServer, tmp_path: Path,
+                            pipelines: list[PipelineProcess]) -> PipelineProcess:
+    """settings.toml's pipeline, ``INGEST_ONLY`` and a 10 s drain, started (and put in
+    ``pipelines``, the fixture that kills what is left) and ready; its dead letters and
+    log in ``tmp_path``."""
+    pipeline = PipelineProcess(names, model_url=model_server.url,
+                               dead_letters=tmp_path / "dead.jsonl",
+                               log=tmp_path / "pipeline.log",
+                               sets=[*INGEST_ONLY, "runtime.drain_timeout=10.0"])
+    pipelines.append(pipeline)
+    pipeline.start()
+    await pipeline.wait_ready()
+    return pipeline
+
+
 def one_spark_job(seconds: float) -> tuple[str, ...]:
     """``--set`` arguments for one Spark job over a whole replay of ``seconds``: started
     that long after the first segment, rather than one per recording end (each job takes

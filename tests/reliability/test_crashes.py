@@ -125,13 +125,7 @@ async def test_broker_restart_with_persistent_sessions_loses_nothing(
     broker has no part in what follows the lake)."""
     mosquitto = stack_service("mosquitto")
     names = run_names
-    pipeline = rs.PipelineProcess(names, model_url=model_server.url,
-                                  dead_letters=tmp_path / "dead.jsonl",
-                                  log=tmp_path / "pipeline.log",
-                                  sets=[*rs.INGEST_ONLY, "runtime.drain_timeout=10.0"])
-    pipelines.append(pipeline)
-    pipeline.start()
-    await pipeline.wait_ready()
+    pipeline = await rs.start_ingest_tier(names, model_server, tmp_path, pipelines)
     schedule = rs.schedule_recordings(recordings, names.mqtt_topic)
     publisher = rs.Publisher()
     replay = asyncio.create_task(publisher.publish(schedule, speed=1.0))

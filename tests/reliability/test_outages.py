@@ -101,13 +101,7 @@ async def test_ingest_outage_backs_off_and_loses_nothing(
         tmp_path: Path, pipelines: list[rs.PipelineProcess]) -> None:
     stop, start, ready, service = controls(target, stack_service, model_server)
     names = run_names
-    pipeline = rs.PipelineProcess(names, model_url=model_server.url,
-                                  dead_letters=tmp_path / "dead.jsonl",
-                                  log=tmp_path / "pipeline.log",
-                                  sets=[*rs.INGEST_ONLY, "runtime.drain_timeout=10.0"])
-    pipelines.append(pipeline)
-    pipeline.start()
-    await pipeline.wait_ready()
+    pipeline = await rs.start_ingest_tier(names, model_server, tmp_path, pipelines)
     schedule = rs.schedule_recordings(recordings, names.mqtt_topic)
     publisher = rs.Publisher()
     replay = asyncio.create_task(publisher.publish(schedule, speed=1.0))

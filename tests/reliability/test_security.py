@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import pytest
 import reliability_support as rs
-from audit import RunNames
+from audit import RunNames, lake_entries
 
 from handlers.mqtt_source import COLUMNS
 from pipeline import Runtime, StartError
@@ -192,22 +192,10 @@ async def kafka_keys(topic: str) -> set[bytes]:
 
 
 async def lake_paths(root: str) -> list[str]:
-    from handlers.webhdfs import NotFound, WebHdfs
+    from handlers.webhdfs import WebHdfs
 
-    out: list[str] = []
     async with WebHdfs(rs.WEBHDFS) as fs:
-        todo = [root]
-        while todo:
-            path = todo.pop()
-            try:
-                entries = await fs.list_status(path)
-            except NotFound:
-                continue
-            for st in entries:
-                out.append(st.path + ("/" if st.is_dir else ""))
-                if st.is_dir:
-                    todo.append(st.path)
-    return out
+        return [st.path + ("/" if st.is_dir else "") async for st in lake_entries(fs, root)]
 
 
 @pytest.mark.timeout(600)

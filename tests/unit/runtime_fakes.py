@@ -249,3 +249,25 @@ class FailingSource(Source):
     async def run(self) -> None:
         await self.emit(pa.table({"seq": [0]}), token=0)
         raise RuntimeError("upstream connection reset")
+
+
+# -- helpers for the sink tests ---------------------------------------------------------------
+async def run_into_sink(make_runtime: Any, name: str, data: list[dict[str, Any]],
+                        sink: dict[str, Any]) -> Any:
+    """Run ``data`` (rows keyed by ``recording``) from a memory source into the sink
+    ``name`` (``sink``: its settings; it retries fast unless they say otherwise) and
+    return the finished Runtime, asserting its report is ok."""
+    rt = make_runtime({
+        "src": {"type": "memory_source", "rows": data, "batch_size": 100, "key": "recording",
+                "outputs": [name]},
+        name: {"retry_policy": {"max_attempts": 3, "backoff": 0.001, "jitter": 0.0},
+               "retry": {"max_attempts": 2, "backoff": 0.001}, **sink},
+    })
+    report = await rt.run()
+    assert report.ok, report.errors
+    return rt
+
+
+def dead_reasons(rt: Any) -> dict[str, str]:
+    """``{key: reason}`` of what the runtime dead-lettered into its ``dlq`` memory sink."""
+    return {r["key"]: r["reason"] for r in rt.handlers["dlq"].table().to_pylist()}

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from runtime_fakes import dead_reasons, run_into_sink
 
 from handlers.es_sink import EsSinkSettings
 from pipeline import Runtime
@@ -119,20 +120,8 @@ def rows(n: int, **extra: Any) -> list[dict[str, Any]]:
 
 
 async def run(make_runtime: Any, url: str, data: list[dict[str, Any]], **sink: Any) -> Runtime:
-    rt = make_runtime({
-        "src": {"type": "memory_source", "rows": data, "batch_size": 100, "key": "recording",
-                "outputs": ["es"]},
-        "es": {"type": "es_sink", "hosts": [url], "index": "diag",
-               "retry_policy": {"max_attempts": 3, "backoff": 0.001, "jitter": 0.0},
-               "retry": {"max_attempts": 2, "backoff": 0.001}, **sink},
-    })
-    report = await rt.run()
-    assert report.ok, report.errors
-    return rt
-
-
-def dead(rt: Runtime) -> dict[str, str]:
-    return {r["key"]: r["reason"] for r in rt.handlers["dlq"].table().to_pylist()}  # type: ignore[attr-defined]
+    return await run_into_sink(make_runtime, "es", data,
+                               {"type": "es_sink", "hosts": [url], "index": "diag", **sink})
 
 
 async def test_429_and_5xx_items_are_retried_400_dead_lettered(make_runtime: Any,
@@ -142,7 +131,7 @@ async def test_429_and_5xx_items_are_retried_400_dead_lettered(make_runtime: Any
     rt = await run(make_runtime, url, rows(5))
     assert sorted(fake.docs) == ["R00", "R01", "R02", "R04"]
     assert fake.bulks == [["R00", "R01", "R02", "R03", "R04"], ["R01", "R02"], ["R02"]]
-    assert dead(rt) == {"R03": "Elasticsearch refused the document (400): "
+    assert dead_reasons(rt) == {"R03": "Elasticsearch refused the document (400): "
                                "document_parsing_exception: status 400 for R03 "
                                "(caused by x: deeper)"}
     assert fake.indices["diag"]["mappings"]["properties"]["diagnosed_at"] == {"type": "date"}
@@ -154,8 +143,8 @@ async def test_items_failing_past_every_retry_go_to_dead_letter(make_runtime: An
     fake.script = {"R01": [503]}
     rt = await run(make_runtime, url, rows(3))
     assert sorted(fake.docs) == ["R00", "R02"]
-    assert list(dead(rt)) == ["R01"]
-    assert "failed after 2 attempts: EsItemError: 503" in dead(rt)["R01"]
+    assert list(dead_reasons(rt)) == ["R01"]
+    assert "failed after 2 attempts: EsItemError: 503" in dead_reasons(rt)["R01"]
     # in-handler attempts (3) times runtime attempts (2), the first with every row
     assert [len(b) for b in fake.bulks] == [3, 1, 1, 1, 1, 1]
 
@@ -167,7 +156,7 @@ async def test_a_request_invalid_because_of_one_item_is_split(make_runtime: Any,
     fake.script = {"R01": [400]}
     rt = await run(make_runtime, url, rows(3))
     assert sorted(fake.docs) == ["R00", "R02"]
-    assert list(dead(rt)) == ["R01"]
+    assert list(dead_reasons(rt)) == ["R01"]
     assert fake.bulks == [["R00", "R01", "R02"], ["R00"], ["R01"], ["R02"]]
 
 
@@ -176,7 +165,7 @@ async def test_a_refused_request_fails_the_batch(make_runtime: Any, fake_es: Any
     fake.request_status = [401, 401]
     rt = await run(make_runtime, url, rows(2))
     assert fake.docs == {}
-    reasons = set(dead(rt).values())
+    reasons = set(dead_reasons(rt).values())
     assert len(reasons) == 1 and "AuthenticationException" in reasons.pop()
 
 
@@ -194,7 +183,7 @@ async def test_long_ids_never_reach_the_server(make_runtime: Any, fake_es: Any) 
     data[0]["recording"] = "é" * 300  # 600 bytes in UTF-8
     rt = await run(make_runtime, url, data)
     assert fake.bulks == [["R01"]]
-    assert dead(rt) == {"é" * 300: "_id longer than 512 bytes (Elasticsearch's limit)"}
+    assert dead_reasons(rt) == {"é" * 300: "_id longer than 512 bytes (Elasticsearch's limit)"}
 
 
 async def test_template_mode(make_runtime: Any, fake_es: Any) -> None:

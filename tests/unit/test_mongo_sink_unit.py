@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 from bson.errors import InvalidDocument
 from pymongo.errors import AutoReconnect
+from runtime_fakes import dead_reasons, run_into_sink
 
 from handlers._common import prepare_documents
 from handlers.mongo_sink import IndexSpec, MongoSink, MongoSinkSettings
@@ -159,20 +160,8 @@ def rows(n: int, first: int = 0, **extra: Any) -> list[dict[str, Any]]:
 
 
 async def run(make_runtime: Any, data: list[dict[str, Any]], **sink: Any) -> Runtime:
-    rt = make_runtime({
-        "src": {"type": "memory_source", "rows": data, "batch_size": 100, "key": "recording",
-                "outputs": ["mongo"]},
-        "mongo": {"type": "test_mongo_sink_unit:FakeMongoSink",
-                  "retry_policy": {"max_attempts": 3, "backoff": 0.001, "jitter": 0.0},
-                  "retry": {"max_attempts": 2, "backoff": 0.001}, **sink},
-    })
-    report = await rt.run()
-    assert report.ok, report.errors
-    return rt
-
-
-def dead(rt: Runtime) -> dict[str, str]:
-    return {r["key"]: r["reason"] for r in rt.handlers["dlq"].table().to_pylist()}  # type: ignore[attr-defined]
+    return await run_into_sink(make_runtime, "mongo", data,
+                               {"type": "test_mongo_sink_unit:FakeMongoSink", **sink})
 
 
 @pytest.mark.parametrize(("flavour", "mode", "commands"), [
@@ -188,7 +177,7 @@ async def test_duplicate_on_unique_index_is_dead_lettered_alone(
     data[1]["patient"] = "P0"
     rt = await run(make_runtime, data, write_mode=mode)
     assert sorted(store.docs) == ["R00", "R02", "R03", "R04"]
-    assert dead(rt) == {"R01": "MongoDB refused the document (code 11000): "
+    assert dead_reasons(rt) == {"R01": "MongoDB refused the document (code 11000): "
                                "E11000 duplicate key: patient"}
     assert store.commands == commands
     assert rt.handlers["src"].committed  # type: ignore[attr-defined]
@@ -218,7 +207,7 @@ async def test_transient_write_errors_are_retried(make_runtime: Any, store: Fake
     store.transient = {"R01": 2}
     rt = await run(make_runtime, rows(3))
     assert sorted(store.docs) == ["R00", "R01", "R02"]
-    assert dead(rt) == {}
+    assert dead_reasons(rt) == {}
     assert store.commands == [("update", 3), ("update", 1), ("update", 1)]
 
 
@@ -229,14 +218,14 @@ async def test_transient_errors_past_every_retry_go_to_dead_letter(make_runtime:
     store.flavour, store.transient = flavour, {"R01": 100}
     rt = await run(make_runtime, rows(3))
     assert sorted(store.docs) == ["R00", "R02"]
-    assert list(dead(rt)) == ["R01"]
-    assert "failed after 2 attempts" in dead(rt)["R01"] and "WriteConflict" in dead(rt)["R01"]
+    assert list(dead_reasons(rt)) == ["R01"]
+    assert "failed after 2 attempts" in dead_reasons(rt)["R01"] and "WriteConflict" in dead_reasons(rt)["R01"]
 
 
 async def test_write_concern_error_is_retried(make_runtime: Any, store: FakeStore) -> None:
     store.concern_errors = 1
     rt = await run(make_runtime, rows(2))
-    assert dead(rt) == {} and store.commands == [("update", 2), ("update", 2)]
+    assert dead_reasons(rt) == {} and store.commands == [("update", 2), ("update", 2)]
 
 
 async def test_connection_loss_is_retried_and_reported(make_runtime: Any,
@@ -256,7 +245,7 @@ async def test_unencodable_document_is_found_and_dead_lettered(make_runtime: Any
     store.flavour, store.unencodable = flavour, {"R01"}
     rt = await run(make_runtime, rows(3))
     assert sorted(store.docs) == ["R00", "R02"]
-    assert "InvalidDocument" in dead(rt)["R01"]
+    assert "InvalidDocument" in dead_reasons(rt)["R01"]
 
 
 async def test_bulk_size_chunks_the_commands(make_runtime: Any, store: FakeStore) -> None:
@@ -283,7 +272,7 @@ async def test_indexes_created_and_conflicts_refused(make_runtime: Any, store: F
 async def test_batch_without_the_key_column_is_rejected(make_runtime: Any,
                                                          store: FakeStore) -> None:
     rt = await run(make_runtime, [{"other": 1}])
-    assert "no key column 'recording'" in next(iter(dead(rt).values()))
+    assert "no key column 'recording'" in next(iter(dead_reasons(rt).values()))
     assert store.docs == {}
 
 
