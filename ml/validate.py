@@ -15,6 +15,7 @@ window (imputed by the model). NaN and infinities are rejected everywhere.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -146,7 +147,10 @@ def _rows(rows: Any, n_columns: int, limits: Limits, where: str) -> np.ndarray:
                     f"{where}[{j}]",
                 )  # fmt: skip
         raise _unprocessable("invalid_type", "rows must hold numbers only", where)
-    if arr.dtype.kind not in "iuf":
+    # JSON true/false decode to bool, an int subclass that numpy turns into 1/0
+    # silently when mixed with numbers: look for them explicitly (a C-level pass,
+    # a few % of the JSON decoding time).
+    if arr.dtype.kind not in "iuf" or bool in set(map(type, itertools.chain.from_iterable(rows))):
         bad = _first_non_number(rows)
         raise _unprocessable("invalid_type", "rows must hold numbers only",
                              f"{where}[{bad[0]}][{bad[1]}]" if bad else where)  # fmt: skip
