@@ -7,6 +7,7 @@ fake. The real server is exercised by tests/integration/test_cassandra_sink.py.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import threading
 import types
@@ -67,6 +68,10 @@ class FakeServer:
         self.hosts_up = True
         self.listeners: list[Any] = []
         self.prepared: dict[bytes, PreparedStatement] = {}
+        # last write wins by the write timestamp the driver gives each statement when it
+        # is sent (as Cassandra does), not by the order statements happen to arrive in
+        self.clock = itertools.count(1)
+        self.written_at: dict[tuple[Any, ...], int] = {}
 
     def ddl_execute(self, cql: str) -> None:
         self.ddl.append(cql)
@@ -111,8 +116,8 @@ def statements_of(stmt: Any) -> list[tuple[PreparedStatement, list[Any]]]:
 
 
 class FakeResponseFuture:
-    def __init__(self, statement: Any) -> None:
-        self.statement = statement
+    def __init__(self, statement: Any, ts: int) -> None:
+        self.statement, self.ts = statement, ts
 
     def add_callbacks(self, callback: Any, errback: Any, callback_args: tuple[Any, ...] = (),
                       errback_args: tuple[Any, ...] = ()) -> None:
@@ -128,9 +133,13 @@ class FakeResponseFuture:
                 if error is None:
                     for (prepared, _), row in zip(stmts, rows, strict=True):
                         key = tuple(row[c] for c in prepared.key_columns)
-                        table = SERVER.rows.setdefault((prepared.keyspace, prepared.table), {})
-                        merged = {k: v for k, v in row.items() if v != "<unset>"}
-                        table.setdefault(key, {}).update(merged)
+                        where = (prepared.keyspace, prepared.table)
+                        stored = SERVER.rows.setdefault(where, {}).setdefault(key, {})
+                        for col, value in row.items():
+                            cell = (*where, key, col)
+                            if value != "<unset>" and SERVER.written_at.get(cell, 0) < self.ts:
+                                stored[col] = value
+                                SERVER.written_at[cell] = self.ts
             if error is None:
                 callback([], *callback_args)
             else:
@@ -167,7 +176,8 @@ class FakeSession:
         with SERVER.lock:
             SERVER.in_flight += 1
             SERVER.max_in_flight = max(SERVER.max_in_flight, SERVER.in_flight)
-        return FakeResponseFuture(statement)
+            ts = next(SERVER.clock)
+        return FakeResponseFuture(statement, ts)
 
 
 class FakeCluster:
