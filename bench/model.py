@@ -177,12 +177,13 @@ def ensure_model(model: str | None) -> tuple[str, str]:
         except ArtifactError:
             print(f"no model in {model}; training a small synthetic one", file=sys.stderr)
     from ml import train as T
+    from ml.model import DEFAULT_MODEL
     from ml.synthetic import write_synthetic_dataset
 
     tmp = Path(tempfile.mkdtemp(prefix="gaitflow-bench-"))
     data = write_synthetic_dataset(tmp / "data", n_controls=6, n_patients=6, walks=1, seconds=30)
     vdir = T.train(data, tmp / "models", folds=3, inner_folds=2, jobs=2, n_boot=20,
-                   candidates=["ensemble_core"])  # fmt: skip
+                   candidates=[DEFAULT_MODEL])  # fmt: skip
     return str(vdir), "synthetic model"
 
 

@@ -1,22 +1,29 @@
 """Train and honestly evaluate the diagnosis model.
 
-    python -m ml.train --data DIR --out DIR [--folds 5] [--seed 0] [--leaky]
+    python -m ml.train --data DIR --out DIR [--model NAME|auto] [--folds 5] [--seed 0]
+                       [--repeats N] [--leaky]
 
 1. Every recording in ``--data`` (default ``$GAITPDB_DIR``) is cut into windows
-   and featurised (:mod:`ml.features`); the 16 sensor series are kept for the
-   MiniRocket member.
-2. Nested cross-validation by subject: ``--folds`` outer folds
-   (``StratifiedGroupKFold``, groups = subject, strata = study x group). Inside
-   each outer training set, ``--inner-folds`` subject-wise folds pick the
-   candidate (:data:`ml.model.CANDIDATES`) with the best AUC; that candidate,
-   calibrated on the outer training set only, scores the outer test subjects.
-   The MiniRocket transform is fitted on outer-training windows only. Nothing is
-   ever tuned on a split that puts a subject on both sides.
-3. The reported figures are those nested out-of-fold predictions: recording-level
-   AUC, balanced accuracy, sensitivity and specificity per fold, per study, per
-   walk type and overall, with 95 % subject-bootstrap intervals.
-4. The final model is the candidate with the best outer-CV AUC, refitted on all
-   data, written with ``model.json``, ``MODEL_CARD.md`` and plots.
+   and featurised (:mod:`ml.features`); the 16 sensor series are kept when a
+   MiniRocket member is asked for.
+2. Cross-validation by subject: ``--folds`` outer folds (``StratifiedGroupKFold``,
+   groups = subject, strata = study x group). In each outer training set the
+   model's members are fitted and Platt-calibrated with ``--inner-folds``
+   subject-wise folds, then score the outer test subjects. The model is
+   ``--model`` (default :data:`ml.model.DEFAULT_MODEL`), fixed before the run; with
+   ``--model auto`` the inner folds also pick, per outer fold, the candidate
+   (:data:`ml.model.CANDIDATES`) with the best inner AUC (nested selection). The
+   set kernel's scaling and the MiniRocket transform are fitted on
+   outer-training windows only. Nothing is ever tuned on a split that puts a
+   subject on both sides.
+3. The reported figures are those out-of-fold predictions: recording-level AUC,
+   balanced accuracy, sensitivity and specificity per fold, per study, per walk
+   type and overall, with 95 % subject-bootstrap intervals; ``--repeats`` reruns
+   the whole procedure on other fold assignments. Every ``--candidates`` model
+   is scored on the same outer folds, for comparison.
+4. The final model (``--model``, or with ``auto`` the candidate with the best
+   outer-CV AUC) is refitted on all data and written with ``model.json``,
+   ``MODEL_CARD.md`` and plots.
 
 Inputs are the force recordings only: UPDRS, Hoehn & Yahr, the study and the
 other demographics are never read here (``tests/unit/test_ml_train.py`` checks).
@@ -46,6 +53,7 @@ from .evaluate import binary_metrics, evaluation_table, subject_folds
 from .model import (
     CANDIDATES,
     DEFAULT_CANDIDATES,
+    DEFAULT_MODEL,
     MEMBERS,
     GaitModel,
     Member,
@@ -54,6 +62,7 @@ from .model import (
     feature_columns,
     make_estimator,
     make_rocket,
+    make_set_svm,
 )
 from .rocket import MiniRocket
 
@@ -93,6 +102,12 @@ class Dataset:
 
     def aggregated(self) -> np.ndarray:
         return np.stack([aggregate(f) for f in self.feats])
+
+    def bags(self) -> np.ndarray:
+        """Each recording's window features, as a 1-d object array (index it by rows)."""
+        out = np.empty(len(self.feats), dtype=object)
+        out[:] = self.feats
+        return out
 
 
 def _prepare(path: str, window_s: float, step_s: float, series: bool) -> tuple:
@@ -191,26 +206,43 @@ def _score(est: Any, x: np.ndarray) -> np.ndarray:
 
 
 def _inputs(member: str, agg: np.ndarray, rk: np.ndarray | None) -> np.ndarray:
-    """The recording-level matrix a member reads (its columns only)."""
+    """The recording-level matrix a summary or rocket member reads (its columns only)."""
     spec = MEMBERS[member]
     if spec.kind == "rocket":
         assert rk is not None
         return rk
+    if spec.kind != "features":
+        raise ValueError(f"member {member!r} does not read a recording-level matrix")
     return agg[:, feature_columns(spec.feature_set)]
+
+
+def _local_folds(folds: Sequence[tuple[np.ndarray, np.ndarray]],
+                 rows: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+    """``folds`` (global row numbers) as positions within ``rows``."""
+    pos = {r: i for i, r in enumerate(rows)}
+    return [(np.array([pos[i] for i in a]), np.array([pos[i] for i in b])) for a, b in folds]
 
 
 def select_candidate(meta: pd.DataFrame, agg: np.ndarray, rk: np.ndarray | None,
                      train: np.ndarray, candidates: Sequence[str], inner_folds: int,
-                     seed: int) -> tuple[str, dict[str, float]]:  # fmt: skip
+                     seed: int, bags: np.ndarray | None = None,
+                     ) -> tuple[str, dict[str, float]]:  # fmt: skip
     """Pick the candidate with the best inner-CV AUC on the ``train`` rows only."""
     y = meta["label"].to_numpy(dtype=int)
     folds = subject_folds(meta, inner_folds, seed, index=train)
     members = sorted({m for c in candidates for m in CANDIDATES[c]})
     oof = {m: np.full(len(meta), np.nan) for m in members}
-    for tr, te in folds:
-        for m in members:
-            x = _inputs(m, agg, rk)
-            est = make_estimator(MEMBERS[m].estimator, seed).fit(x[tr], y[tr])
+    for m in members:
+        spec = MEMBERS[m]
+        if spec.kind == "set":
+            assert bags is not None
+            svm = make_set_svm(spec.feature_set)
+            oof[m][train] = svm.oof_decisions(list(bags[train]), y[train],
+                                              _local_folds(folds, train))  # fmt: skip
+            continue
+        x = _inputs(m, agg, rk)
+        for tr, te in folds:
+            est = make_estimator(spec.estimator, seed).fit(x[tr], y[tr])
             oof[m][te] = _score(est, x[te])
     yt = y[train]
     ranks = {m: rankdata(oof[m][train]) / len(train) for m in members}
@@ -224,15 +256,20 @@ def select_candidate(meta: pd.DataFrame, agg: np.ndarray, rk: np.ndarray | None,
 
 def fit_members(meta: pd.DataFrame, agg: np.ndarray, rk: np.ndarray | None,
                 train: np.ndarray, names: Sequence[str], inner_folds: int, seed: int,
-                rocket: MiniRocket | None = None) -> dict[str, Member]:  # fmt: skip
+                rocket: MiniRocket | None = None,
+                bags: np.ndarray | None = None) -> dict[str, Member]:  # fmt: skip
     """Calibrated members fitted on ``train`` rows (calibration folds by subject)."""
     y = meta["label"].to_numpy(dtype=int)
     folds = subject_folds(meta, inner_folds, seed, index=train)
-    pos = {r: i for i, r in enumerate(train)}  # global row -> position within train
-    local = [(np.array([pos[i] for i in a]), np.array([pos[i] for i in b])) for a, b in folds]
+    local = _local_folds(folds, train)
     out = {}
     for m in names:
         spec = MEMBERS[m]
+        if spec.kind == "set":
+            assert bags is not None
+            svm = make_set_svm(spec.feature_set).fit(list(bags[train]), y[train], local)
+            out[m] = Member(m, spec.kind, svm)
+            continue
         x = _inputs(m, agg, rk)[train]
         est = calibrated(make_estimator(spec.estimator, seed), local).fit(x, y[train])
         if spec.kind == "rocket":
@@ -243,32 +280,47 @@ def fit_members(meta: pd.DataFrame, agg: np.ndarray, rk: np.ndarray | None,
 
 
 def _ensemble_proba(members: dict[str, Member], cand: str, agg: np.ndarray,
-                    rk: np.ndarray | None, rows: np.ndarray) -> np.ndarray:  # fmt: skip
+                    rk: np.ndarray | None, rows: np.ndarray,
+                    bags: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     def full(m: str) -> np.ndarray:  # members select their own columns
-        return rk if members[m].kind == "rocket" else agg  # type: ignore[return-value]
+        kind = members[m].kind
+        return {"rocket": rk, "set": bags}.get(kind, agg)  # type: ignore[return-value]
 
-    return np.mean([members[m].proba(full(m)[rows]) for m in CANDIDATES[cand]], axis=0)
+    def inputs(m: str) -> Any:
+        x = full(m)[rows]
+        return list(x) if members[m].kind == "set" else x
+
+    return np.mean([members[m].proba(inputs(m)) for m in CANDIDATES[cand]], axis=0)
 
 
 @dataclass
 class CVResult:
-    nested: np.ndarray  # out-of-fold probability of the selected candidate, per recording
+    nested: np.ndarray  # out-of-fold probability of the model (or selected candidate)
     threshold: np.ndarray  # per recording: its fold's threshold (training prevalence)
     fold_of: np.ndarray
-    chosen: list[str]  # candidate selected in each outer fold
-    inner_scores: list[dict[str, float]]
+    chosen: list[str]  # the model, or the candidate selected, in each outer fold
+    inner_scores: list[dict[str, float]]  # inner AUCs (nested selection only)
     per_candidate: dict[str, np.ndarray]  # outer OOF probability of every candidate
     fold_seconds: list[float]
 
 
 def nested_cv(ds: Dataset, *, folds: int = 5, inner_folds: int = 4, seed: int = 0,
-              candidates: Sequence[str] = DEFAULT_CANDIDATES, jobs: int = 2) -> CVResult:  # fmt: skip
+              candidates: Sequence[str] = DEFAULT_CANDIDATES, jobs: int = 2,
+              model: str | None = DEFAULT_MODEL) -> CVResult:  # fmt: skip
+    """Subject-wise cross-validation of ``model`` (fixed) or, with ``model=None``, of
+    the candidate picked by the inner folds in each outer fold (nested selection).
+    Every candidate is scored on the same outer folds."""
     meta, y = ds.meta, ds.y
+    if model is not None and model not in candidates:
+        candidates = [model, *candidates]
     agg = ds.aggregated()
+    bags = ds.bags()
     use_rocket = ds.series is not None and any(
         MEMBERS[m].kind == "rocket" for c in candidates for m in CANDIDATES[c]
     )
     if not use_rocket:
+        if model is not None and any(MEMBERS[m].kind == "rocket" for m in CANDIDATES[model]):
+            raise ValueError(f"model {model!r} needs the sensor series (load them)")
         candidates = [c for c in candidates if all(MEMBERS[m].kind != "rocket" for m in CANDIDATES[c])]
     n = len(meta)
     res = CVResult(np.full(n, np.nan), np.full(n, np.nan), np.full(n, -1), [], [],
@@ -279,11 +331,15 @@ def nested_cv(ds: Dataset, *, folds: int = 5, inner_folds: int = 4, seed: int = 
         if use_rocket:
             assert ds.series is not None
             rocket, rk = rocket_fit_transform(ds.series, tr, seed + k, jobs)
-        best, scores = select_candidate(meta, agg, rk, tr, candidates, inner_folds, seed + 1)
+        if model is None:
+            best, scores = select_candidate(meta, agg, rk, tr, candidates, inner_folds,
+                                            seed + 1, bags)  # fmt: skip
+        else:
+            best, scores = model, {}
         needed = sorted({m for c in candidates for m in CANDIDATES[c]})
-        members = fit_members(meta, agg, rk, tr, needed, inner_folds, seed + 2, rocket)
+        members = fit_members(meta, agg, rk, tr, needed, inner_folds, seed + 2, rocket, bags)
         for c in candidates:
-            res.per_candidate[c][te] = _ensemble_proba(members, c, agg, rk, te)
+            res.per_candidate[c][te] = _ensemble_proba(members, c, agg, rk, te, bags)
         res.nested[te] = res.per_candidate[best][te]
         res.threshold[te] = float(y[tr].mean())
         res.fold_of[te] = k
@@ -292,10 +348,10 @@ def nested_cv(ds: Dataset, *, folds: int = 5, inner_folds: int = 4, seed: int = 
         dt = time.perf_counter() - t0
         res.fold_seconds.append(dt)
         m = binary_metrics(y[te], res.nested[te], float(y[tr].mean()))
+        pick = f"inner pick {best} (inner AUC {scores[best]:.3f})" if scores else best
         log(
             f"fold {k + 1}/{folds}: {len(set(meta.subject.iloc[te]))} test subjects, "
-            f"inner pick {best} (inner AUC {scores[best]:.3f}); outer AUC {m['auc']:.3f} "
-            f"bal.acc {m['balanced_accuracy']:.3f} ({dt:.0f} s)"
+            f"{pick}; outer AUC {m['auc']:.3f} bal.acc {m['balanced_accuracy']:.3f} ({dt:.0f} s)"
         )
     return res
 
@@ -310,7 +366,8 @@ def fit_final(ds: Dataset, candidate: str, *, inner_folds: int = 4, seed: int = 
     if any(MEMBERS[m].kind == "rocket" for m in names):
         assert ds.series is not None
         rocket, rk = rocket_fit_transform(ds.series, everyone, seed, jobs)
-    members = fit_members(meta, agg, rk, everyone, names, inner_folds, seed + 2, rocket)
+    members = fit_members(meta, agg, rk, everyone, names, inner_folds, seed + 2, rocket,
+                          ds.bags())  # fmt: skip
     return GaitModel(
         version=version,
         candidate=candidate,
@@ -324,7 +381,8 @@ def fit_final(ds: Dataset, candidate: str, *, inner_folds: int = 4, seed: int = 
 # ----------------------------------------------------------------------------- leaky
 
 
-def leaky_comparison(ds: Dataset, candidate: str, seed: int = 0, folds: int = 5) -> dict[str, Any]:
+def leaky_comparison(ds: Dataset, candidate: str, seed: int = 0, folds: int = 5,
+                     jobs: int = 2) -> dict[str, Any]:  # fmt: skip
     """What splits that ignore subjects would report (for the README's comparison).
 
     * ``random_window_split``: windows shuffled into folds regardless of recording or
@@ -348,22 +406,29 @@ def leaky_comparison(ds: Dataset, candidate: str, seed: int = 0, folds: int = 5)
     for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, yw):
         est = make_pipeline(
             SimpleImputer(strategy="median"),
-            ExtraTreesClassifier(300, min_samples_leaf=1, n_jobs=2, random_state=seed),
+            ExtraTreesClassifier(300, min_samples_leaf=1, n_jobs=jobs, random_state=seed),
         ).fit(X[tr], yw[tr])
         p[te] = est.predict_proba(X[te])[:, 1]
     out["random_window_split"] = binary_metrics(yw, p, 0.5) | {"unit": "window"}
     log(f"leaky: random window split AUC {out['random_window_split']['auc']:.3f}")
-    # 2. random recording split (same candidate's feature members)
-    names = [m for m in CANDIDATES[candidate] if MEMBERS[m].kind == "features"] or ["logreg"]
+    # 2. random recording split (same candidate's window-feature members)
+    names = [m for m in CANDIDATES[candidate]
+             if MEMBERS[m].kind in ("features", "set")] or ["logreg"]  # fmt: skip
     agg = ds.aggregated()
+    bags = ds.bags()
     p = np.zeros(len(y))
     thr = np.zeros(len(y))
     for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(agg, y):
         probs = []
+        folds_tr = list(StratifiedKFold(4, shuffle=True, random_state=seed).split(agg[tr], y[tr]))
         for m in names:
-            cols = feature_columns(MEMBERS[m].feature_set)
-            folds_tr = list(StratifiedKFold(4, shuffle=True, random_state=seed).split(agg[tr], y[tr]))
-            est = calibrated(make_estimator(MEMBERS[m].estimator, seed), folds_tr)
+            spec = MEMBERS[m]
+            if spec.kind == "set":
+                svm = make_set_svm(spec.feature_set).fit(list(bags[tr]), y[tr], folds_tr)
+                probs.append(svm.predict_proba_bags(list(bags[te])))
+                continue
+            cols = feature_columns(spec.feature_set)
+            est = calibrated(make_estimator(spec.estimator, seed), folds_tr)
             est.fit(agg[tr][:, cols], y[tr])
             probs.append(est.predict_proba(agg[te][:, cols])[:, 1])
         p[te] = np.mean(probs, axis=0)
@@ -417,24 +482,38 @@ def _tutorial_knn(ds: Dataset, seed: int, folds: int) -> dict[str, Any]:
 
 
 def _overall(meta: pd.DataFrame, run: CVResult, seed: int) -> dict[str, Any]:
+    """One repeat's recording-level figures, overall and per study."""
     y = meta.label.to_numpy()
-    m = binary_metrics(y, run.nested - run.threshold + 0.5, 0.5)
-    m["auc"] = binary_metrics(y, run.nested, 0.5)["auc"]
-    return {"seed": seed, **{k: m[k] for k in ("auc", "balanced_accuracy", "sensitivity",
-                                               "specificity")}, "chosen": run.chosen}  # fmt: skip
+
+    def figures(mask: np.ndarray) -> dict[str, float]:
+        m = binary_metrics(y[mask], (run.nested - run.threshold + 0.5)[mask], 0.5)
+        m["auc"] = binary_metrics(y[mask], run.nested[mask], 0.5)["auc"]
+        return {k: m[k] for k in ("auc", "balanced_accuracy", "sensitivity", "specificity")}
+
+    studies = meta.study.to_numpy()
+    return {"seed": seed, **figures(np.ones(len(y), dtype=bool)), "chosen": run.chosen,
+            "per_study": {str(s): figures(studies == s) for s in sorted(set(studies))}}  # fmt: skip
 
 
 def train(data_dir: str | Path, out_dir: str | Path, *, folds: int = 5, inner_folds: int = 4,
           seed: int = 0, leaky: bool = False, window_s: float = F.DEFAULT_WINDOW_S,
           step_s: float = F.DEFAULT_STEP_S, candidates: Sequence[str] | None = None,
           jobs: int = 2, n_boot: int = 1000, ids: Sequence[str] | None = None,
-          repeats: int = 1) -> Path:  # fmt: skip
-    """Run the whole procedure; returns the new model's version directory."""
+          repeats: int = 1, model: str | None = DEFAULT_MODEL) -> Path:  # fmt: skip
+    """Run the whole procedure; returns the new model's version directory.
+
+    ``model`` is the candidate evaluated and shipped (fixed in advance); ``None``
+    selects a candidate inside the inner folds of each outer fold instead, and
+    ships the one with the best outer-CV AUC.
+    """
     from .artifact import save_model
     from .report import write_report
 
     t_start = time.perf_counter()
+    fixed = model  # the model's name, or None for nested selection
     candidates = list(candidates or DEFAULT_CANDIDATES)
+    if fixed is not None and fixed not in candidates:
+        candidates.insert(0, fixed)
     unknown = set(candidates) - set(CANDIDATES)
     if unknown:
         raise ValueError(f"unknown candidates {sorted(unknown)}; known: {sorted(CANDIDATES)}")
@@ -457,13 +536,14 @@ def train(data_dir: str | Path, out_dir: str | Path, *, folds: int = 5, inner_fo
             if repeats > 1:
                 log(f"repeat {r + 1}/{repeats} (seed {seed + r})")
             runs.append(nested_cv(ds, folds=folds, inner_folds=inner_folds, seed=seed + r,
-                                  candidates=candidates, jobs=jobs))  # fmt: skip
+                                  candidates=candidates, jobs=jobs, model=fixed))  # fmt: skip
         cv = runs[0]
         cv_seconds = time.perf_counter() - t_cv
         table = evaluation_table(meta, cv.nested, cv.threshold, cv.fold_of, n_boot, seed)
         overall = table[table.slice == "overall"].iloc[0]
         log(
-            f"nested CV: AUC {overall.auc:.3f} [{overall.auc_lo:.3f}, {overall.auc_hi:.3f}], "
+            f"{'CV of ' + fixed if fixed else 'nested CV'}: AUC {overall.auc:.3f} "
+            f"[{overall.auc_lo:.3f}, {overall.auc_hi:.3f}], "
             f"balanced accuracy {overall.balanced_accuracy:.3f} "
             f"[{overall.balanced_accuracy_lo:.3f}, {overall.balanced_accuracy_hi:.3f}]"
         )
@@ -487,14 +567,18 @@ def train(data_dir: str | Path, out_dir: str | Path, *, folds: int = 5, inner_fo
             cand_rows.append({"candidate": c, "members": "+".join(CANDIDATES[c]), **row,
                               "times_chosen": sum(run.chosen.count(c) for run in runs)})  # fmt: skip
         cand_table = pd.DataFrame(cand_rows).sort_values("auc", ascending=False)
-        final = str(cand_table.iloc[0]["candidate"])
-        log(f"final candidate (best outer-CV AUC): {final}; fitting on all data")
+        if fixed is not None:
+            final = fixed
+            log(f"final model (fixed in advance): {final}; fitting on all data")
+        else:
+            final = str(cand_table.iloc[0]["candidate"])
+            log(f"final candidate (best outer-CV AUC): {final}; fitting on all data")
         version = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{ds.data_hash[:8]}"
         t_fit = time.perf_counter()
-        model = fit_final(ds, final, inner_folds=inner_folds, seed=seed, jobs=jobs,
-                          version=version)  # fmt: skip
+        gait_model = fit_final(ds, final, inner_folds=inner_folds, seed=seed, jobs=jobs,
+                               version=version)  # fmt: skip
         fit_seconds = time.perf_counter() - t_fit
-        leak = leaky_comparison(ds, final, seed, folds) if leaky else None
+        leak = leaky_comparison(ds, final, seed, folds, jobs) if leaky else None
     subj_p = pd.Series(cv.nested).groupby(meta.subject.to_numpy()).mean()
     subj_y = meta.groupby("subject").label.first().loc[subj_p.index]
     subj_thr = pd.Series(cv.threshold).groupby(meta.subject.to_numpy()).mean()
@@ -512,15 +596,22 @@ def train(data_dir: str | Path, out_dir: str | Path, *, folds: int = 5, inner_fo
         "inputs": {
             "raw": "rows of 19 numbers at 100 Hz: " + ", ".join(F.COLUMNS),
             "never_used": ["UPDRS", "UPDRSM", "HoehnYahr", "study", "demographics"],
-            "feature_windows_supported": bool(model.feature_members),
+            "feature_windows_supported": bool(gait_model.feature_members),
         },
         "evaluation": {
             "scheme": (
+                f"subject-wise CV of the model fixed in advance ({fixed}): {folds} outer "
+                "StratifiedGroupKFold folds (groups = subject, strata = study x group); in "
+                f"each outer training set, {inner_folds} subject-wise inner folds for Platt "
+                "calibration, no selection; recording-level metrics; 95% CIs from "
+                f"{n_boot} subject-bootstrap resamples"
+                if fixed is not None else
                 f"nested subject-wise CV: {folds} outer StratifiedGroupKFold folds (groups = "
                 f"subject, strata = study x group), {inner_folds} inner folds for model "
                 "selection and Platt calibration; recording-level metrics; 95% CIs from "
                 f"{n_boot} subject-bootstrap resamples"
             ),
+            "model_fixed_in_advance": fixed is not None,
             "seed": seed,
             "metrics": table.to_dict(orient="records"),
             "subject_level": subject_level,
@@ -537,12 +628,12 @@ def train(data_dir: str | Path, out_dir: str | Path, *, folds: int = 5, inner_fo
     }
     out = Path(out_dir)
     meta_json["timing_seconds"]["total"] = round(time.perf_counter() - t_start, 1)
-    vdir = save_model(model, meta_json, out)
+    vdir = save_model(gait_model, meta_json, out)
     preds = meta.assign(probability=cv.nested, threshold=cv.threshold, fold=cv.fold_of)
     for c, p in cv.per_candidate.items():
         preds[f"p_{c}"] = p
     preds.to_csv(vdir / "cv_predictions.csv", index=False)
-    write_report(vdir, model, meta_json, preds, table, cand_table)
+    write_report(vdir, gait_model, meta_json, preds, table, cand_table)
     log(f"wrote {vdir} in {time.perf_counter() - t_start:.0f} s total")
     return vdir
 
@@ -558,20 +649,30 @@ def main(argv: list[str] | None = None) -> int:
                     help="also report what subject-ignoring splits would claim")  # fmt: skip
     ap.add_argument("--window", type=float, default=F.DEFAULT_WINDOW_S, help="window length, s")
     ap.add_argument("--step", type=float, default=F.DEFAULT_STEP_S, help="window step, s")
+    ap.add_argument("--model", default=None,
+                    help=f"the model to evaluate and ship, from {','.join(CANDIDATES)}, or "
+                         f"'auto': pick among --candidates inside the inner folds (nested "
+                         f"selection) and ship the best outer-CV AUC (default {DEFAULT_MODEL}; "
+                         f"'auto' when --candidates is given, as before --model existed)")
     ap.add_argument("--candidates", default=None,
-                    help=f"comma-separated, from {','.join(CANDIDATES)} "
-                         f"(default {','.join(DEFAULT_CANDIDATES)})")  # fmt: skip
+                    help=f"comma-separated, from {','.join(CANDIDATES)}, also scored for "
+                         f"comparison (default {','.join(DEFAULT_CANDIDATES)})")  # fmt: skip
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=1,
-                    help="repeat the nested CV with seeds seed..seed+N-1 (mean +- sd reported)")
+                    help="repeat the cross-validation with seeds seed..seed+N-1 (mean +- sd reported)")
     args = ap.parse_args(argv)
+    if args.model is None:
+        args.model = "auto" if args.candidates else DEFAULT_MODEL
+    if args.model != "auto" and args.model not in CANDIDATES:
+        ap.error(f"--model: unknown {args.model!r}; known: auto, {', '.join(CANDIDATES)}")
     try:
         train(
             args.data, args.out, folds=args.folds, inner_folds=args.inner_folds, seed=args.seed,
             leaky=args.leaky, window_s=args.window, step_s=args.step,
             candidates=args.candidates.split(",") if args.candidates else None,
             jobs=args.jobs, n_boot=args.bootstrap, repeats=args.repeats,
+            model=None if args.model == "auto" else args.model,
         )  # fmt: skip
     except (D.DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

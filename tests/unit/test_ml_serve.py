@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from ml import features as F
 from ml import train as T
 from ml.artifact import save_model
+from ml.model import DEFAULT_MODEL
 from ml.serve import STATE, ServeConfig, create_app, serve
 from ml.synthetic import synthetic_recording, write_synthetic_dataset
 from ml.validate import Limits
@@ -28,13 +29,14 @@ V1, V2 = "20260101-000000-test0001", "20260102-000000-test0002"
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two versions of a small feature model (V1, V2; LATEST = V1)."""
+    """Two versions of small feature models (V1: the default model, V2: ensemble_core;
+    LATEST = V1)."""
     data = write_synthetic_dataset(tmp_path_factory.mktemp("data"), n_controls=6, n_patients=6,
                                    walks=1, seconds=25.0, seed=2)  # fmt: skip
     ds = T.load_dataset(data, series=True, jobs=1)
     out = tmp_path_factory.mktemp("models")
-    for version, seed in ((V2, 1), (V1, 0)):
-        model = T.fit_final(ds, "ensemble_core", inner_folds=2, seed=seed, version=version, jobs=1)
+    for version, seed, cand in ((V2, 1, "ensemble_core"), (V1, 0, DEFAULT_MODEL)):
+        model = T.fit_final(ds, cand, inner_folds=2, seed=seed, version=version, jobs=1)
         save_model(model, {"created": version}, out)
     rocket = T.fit_final(ds, "rocket_logreg", inner_folds=2, seed=0, version="rocket-only", jobs=1)
     save_model(rocket, {}, out / "rocket", set_latest=True)

@@ -16,7 +16,7 @@ from ml import evaluate as E
 from ml import features as F
 from ml import train as T
 from ml.artifact import ArtifactError, list_versions, load_model
-from ml.model import CANDIDATES, MEMBERS, aggregate
+from ml.model import CANDIDATES, DEFAULT_CANDIDATES, DEFAULT_MODEL, MEMBERS, aggregate
 from ml.rocket import MiniRocket
 from ml.synthetic import write_synthetic_dataset
 
@@ -155,6 +155,49 @@ def test_aggregate_is_quantiles_of_windows() -> None:
 
 def test_candidates_reference_known_members() -> None:
     assert {m for ms in CANDIDATES.values() for m in ms} <= set(MEMBERS)
+    assert DEFAULT_MODEL in CANDIDATES and set(DEFAULT_CANDIDATES) <= set(CANDIDATES)
+
+
+def test_fixed_model_is_not_selected_but_auto_selects_inside(synth_dir: Path) -> None:
+    ds = T.load_dataset(synth_dir, series=False, jobs=1)
+    cands = ["logreg_core", "svm_core"]
+    fixed = T.nested_cv(ds, folds=3, inner_folds=2, seed=0, candidates=cands, jobs=1,
+                        model="set_svm")  # fmt: skip
+    assert fixed.chosen == ["set_svm"] * 3 and fixed.inner_scores == [{}] * 3
+    assert set(fixed.per_candidate) == {"set_svm", *cands}  # the model is scored too
+    np.testing.assert_array_equal(fixed.nested, fixed.per_candidate["set_svm"])
+    assert np.isfinite(fixed.nested).all() and (fixed.fold_of >= 0).all()
+    auto = T.nested_cv(ds, folds=3, inner_folds=2, seed=0, candidates=[*cands, "set_svm",
+                       "ensemble_set"], jobs=1, model=None)  # fmt: skip
+    assert all(set(s) == {*cands, "set_svm", "ensemble_set"} for s in auto.inner_scores)
+    for k, pick in enumerate(auto.chosen):
+        scores = auto.inner_scores[k]
+        assert scores[pick] == max(scores.values())
+        te = auto.fold_of == k
+        np.testing.assert_array_equal(auto.nested[te], auto.per_candidate[pick][te])
+    with pytest.raises(ValueError, match="sensor series"):
+        T.nested_cv(ds, folds=3, inner_folds=2, candidates=cands, jobs=1, model="ensemble_all")
+
+
+def test_cli_refuses_an_unknown_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        T.main(["--data", str(tmp_path), "--out", str(tmp_path), "--model", "nope"])
+    assert exc.value.code == 2
+    assert "unknown 'nope'" in capsys.readouterr().err
+
+
+def test_cli_candidates_without_model_select_among_them(synth_dir: Path, tmp_path: Path) -> None:
+    # as before --model existed: ``--candidates logreg`` trains and ships logreg
+    small = ["--folds", "3", "--inner-folds", "2", "--bootstrap", "10", "--jobs", "1"]
+    assert T.main(["--data", str(synth_dir), "--out", str(tmp_path / "a"),
+                   "--candidates", "logreg", *small]) == 0  # fmt: skip
+    meta = json.loads(next((tmp_path / "a").glob("*/model.json")).read_text())
+    assert meta["candidate"] == "logreg" and not meta["evaluation"]["model_fixed_in_advance"]
+    assert T.main(["--data", str(synth_dir), "--out", str(tmp_path / "b"),
+                   "--candidates", "logreg", "--model", "svm", *small]) == 0  # fmt: skip
+    meta = json.loads(next((tmp_path / "b").glob("*/model.json")).read_text())
+    assert meta["candidate"] == "svm" and meta["evaluation"]["model_fixed_in_advance"]
+    assert {c["candidate"] for c in meta["evaluation"]["candidates"]} == {"svm", "logreg"}
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -183,7 +226,29 @@ def test_train_writes_a_versioned_artifact(trained: Path) -> None:
                                                 "tutorial_knn"}  # fmt: skip
     card = (trained / "MODEL_CARD.md").read_text()
     assert "![ROC](roc.png)" in card and "subject" in card
+    # the default model is evaluated and shipped, fixed in advance; the candidates
+    # asked for are scored beside it
+    assert meta["candidate"] == DEFAULT_MODEL and meta["evaluation"]["model_fixed_in_advance"]
+    assert meta["evaluation"]["chosen_per_fold"] == [DEFAULT_MODEL] * 3
+    assert {c["candidate"] for c in meta["evaluation"]["candidates"]} == {
+        DEFAULT_MODEL, "logreg", "svm", "ensemble_features"}  # fmt: skip
+    assert f"fixed in advance ({DEFAULT_MODEL})" in meta["evaluation"]["scheme"]
+    assert f"Model: **{DEFAULT_MODEL}**" in card and "fixed before the\n  cross-validation" in card
+    assert f"--model {DEFAULT_MODEL} --leaky" in card  # how to reproduce it
     assert (trained / "roc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_auto_selects_inside_and_says_so(synth_dir: Path, tmp_path: Path) -> None:
+    vdir = T.train(synth_dir, tmp_path, folds=3, inner_folds=2, seed=0, candidates=["logreg", "svm"],
+                   jobs=1, n_boot=20, model=None)  # fmt: skip
+    meta = json.loads((vdir / "model.json").read_text())
+    ev = meta["evaluation"]
+    assert not ev["model_fixed_in_advance"] and ev["scheme"].startswith("nested")
+    assert set(ev["chosen_per_fold"]) <= {"logreg", "svm"} and len(ev["chosen_per_fold"]) == 3
+    best = max(ev["candidates"], key=lambda c: c["auc"])["candidate"]
+    assert meta["candidate"] == best  # ships the best outer-CV AUC
+    card = (vdir / "MODEL_CARD.md").read_text()
+    assert "Per fold, the inner CV picked" in card and "--model auto" in card
 
 
 def test_cv_predictions_are_out_of_fold_by_subject(trained: Path) -> None:
