@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import time
 import uuid
-from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
+from handlers.lake_sink import segment_bytes
 from handlers.spark_job import SparkAttempt, SparkJobSettings, run_features_job
 from handlers.webhdfs import WebHdfs
 from ml import data as mldata
@@ -47,15 +44,8 @@ def segment_files(recording: str, x: np.ndarray) -> list[tuple[str, bytes]]:
     out = []
     for a in range(0, len(x), SEGMENT_ROWS):
         b = min(a + SEGMENT_ROWS, len(x))
-        cols: dict[str, Any] = {"recording": pa.array([recording] * (b - a)),
-                                "seq": pa.array(np.arange(a, b, dtype=np.int64))}
-        for j, name in enumerate(mlf.COLUMNS):
-            cols[name] = pa.array(x[a:b, j])
-        cols["device"] = pa.array([f"insole-{recording}"] * (b - a))
-        buf = io.BytesIO()
-        pq.write_table(pa.table(cols), buf, compression="zstd")
         out.append((f"date={DATE}/recording={recording}/part-{a:010d}-{b - 1:010d}.parquet",
-                    buf.getvalue()))
+                    segment_bytes(recording, x[a:b], a)))
     return out
 
 

@@ -102,7 +102,8 @@ from pipeline import Batch, Deferred, Reject, RetryPolicy, Sink, setting
 
 from .webhdfs import NotFound, WebHdfs, WebHdfsError, join
 
-__all__ = ["SEGMENT_SCHEMA", "LakeSink", "LakeSinkSettings", "block_of", "part_name"]
+__all__ = ["SEGMENT_SCHEMA", "LakeSink", "LakeSinkSettings", "block_of", "part_name",
+           "segment_bytes"]
 
 SEGMENT_SCHEMA = pa.schema([
     pa.field("path", pa.string(), nullable=False),
@@ -874,6 +875,20 @@ def _encode(table: pa.Table, codec: str | None, level: int | None) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression=codec or "none", compression_level=level)
     return sink.getvalue().to_pybytes()
+
+
+def segment_bytes(recording: str, values: np.ndarray, first_seq: int = 0, *,
+                  compression: str = "zstd") -> bytes:
+    """Rows ``values`` ((n, 19), ``COLUMNS`` order) of a recording, seq from ``first_seq``,
+    as the Parquet file of a raw segment (handlers/README.md §1): for tests, benchmarks
+    and backfills that write the lake without the sink."""
+    from .mqtt_source import Samples, samples_batch
+
+    seq = np.arange(first_seq, first_seq + len(values), dtype=np.int64)
+    batch = samples_batch([Samples(recording, f"insole-{recording}", seq,
+                                   np.asarray(values, dtype=np.float64))])
+    return _encode(pa.Table.from_batches([batch]), None if compression == "none" else
+                   compression, None)
 
 
 def _decode(data: bytes) -> pa.Table:

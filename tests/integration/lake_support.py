@@ -10,13 +10,13 @@ The ``hdfs_url`` and ``lake_root`` fixtures are in ``conftest.py``.
 from __future__ import annotations
 
 import asyncio
-import io
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from handlers.lake_sink import segment_bytes
 from handlers.webhdfs import NotFound, WebHdfs
 from pipeline import RetryPolicy
 
@@ -67,13 +67,4 @@ def keys(lake: pa.Table | None) -> list[tuple[str, int]]:
 
 def raw_parquet(recording: str, x: np.ndarray, a: int, b: int) -> bytes:
     """Rows ``a..b-1`` in the raw sample layout (handlers/README.md §1), zstd Parquet."""
-    from ml import features as mlf
-
-    cols: dict[str, Any] = {"recording": pa.array([recording] * (b - a)),
-                            "seq": pa.array(np.arange(a, b, dtype=np.int64))}
-    for j, name in enumerate(mlf.COLUMNS):
-        cols[name] = pa.array(x[a:b, j])
-    cols["device"] = pa.array([f"insole-{recording}"] * (b - a))
-    buf = io.BytesIO()
-    pq.write_table(pa.table(cols), buf, compression="zstd")
-    return buf.getvalue()
+    return segment_bytes(recording, x[a:b], a)
