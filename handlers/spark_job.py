@@ -197,6 +197,10 @@ class SparkJobSettings:
     max_input_reruns: int = setting(
         5, doc="reruns of a job whose input file vanished while it ran (the lake sink "
                "replaced it by a merged one), not counted as failed attempts", min=0)
+    scratch_dir: Path | None = setting(
+        None, doc="where each run gets its own Spark scratch directory (spark.local.dir: "
+                  "block manager, shuffle and Python files), removed when the run ends, "
+                  "killed or not (default: the system temporary directory)")
 
     def __post_init__(self) -> None:
         if "://" not in self.hdfs_url:

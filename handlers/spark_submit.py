@@ -18,8 +18,10 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import zipfile
 from collections.abc import Callable
@@ -78,8 +80,9 @@ def _is_local(master: str) -> bool:
 
 
 def submit_command(s: SparkJobSettings, job_args: list[str], py_files: Path,
-                   app_name: str) -> list[str]:
-    """The spark-submit command line of one run."""
+                   app_name: str, local_dir: Path | None = None) -> list[str]:
+    """The spark-submit command line of one run; ``local_dir`` is its scratch
+    directory (``spark.local.dir``), unless ``spark_conf`` names one."""
     python = str(s.python or sys.executable)
     conf = {
         "spark.app.name": app_name,
@@ -101,6 +104,8 @@ def submit_command(s: SparkJobSettings, job_args: list[str], py_files: Path,
     }
     if _is_local(s.master):
         conf |= {"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1"}
+    if local_dir is not None:
+        conf["spark.local.dir"] = str(local_dir)
     conf |= s.spark_conf
     submit = str(s.spark_submit or Path(sys.executable).parent / "spark-submit")
     argv = [submit, "--master", s.master, "--name", app_name, "--py-files", str(py_files)]
@@ -109,10 +114,14 @@ def submit_command(s: SparkJobSettings, job_args: list[str], py_files: Path,
     return [*argv, str(job_script()), *job_args]
 
 
-def submit_env(s: SparkJobSettings) -> dict[str, str]:
+def submit_env(s: SparkJobSettings, local_dir: Path | None = None) -> dict[str, str]:
+    """The environment of one run; ``local_dir`` as in :func:`submit_command` (also the
+    driver's ``TMPDIR``, for the files Python writes)."""
     python = str(s.python or sys.executable)
     env = dict(os.environ)
     env |= {"PYSPARK_PYTHON": python, "PYSPARK_DRIVER_PYTHON": python, "PYTHONUNBUFFERED": "1"}
+    if local_dir is not None and "spark.local.dir" not in s.spark_conf:
+        env |= {"SPARK_LOCAL_DIRS": str(local_dir), "TMPDIR": str(local_dir)}
     if s.spark_submit is None and "SPARK_HOME" not in env:
         env["SPARK_HOME"] = str(_package_dir("pyspark"))
     if _is_local(s.master):
@@ -181,14 +190,29 @@ class SparkSubmitter:
         self.on_progress = on_progress or (lambda a: None)
 
     async def run(self, attempt: SparkAttempt, job_args: list[str]) -> SparkAttempt:
+        """Run one attempt to its end. Its scratch directory (see
+        :attr:`SparkJobSettings.scratch_dir`) is removed afterwards whatever happened:
+        a killed JVM never runs the shutdown hook that would clean it."""
         s = self.s
-        argv = submit_command(s, job_args, self.py_files, f"gaitflow-features-{attempt.job_id}")
+        if s.scratch_dir is not None:
+            s.scratch_dir.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f"gaitflow-spark-{attempt.job_id}-{attempt.number}-",
+                                        dir=s.scratch_dir))
+        try:
+            return await self._run(attempt, job_args, scratch)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
+
+    async def _run(self, attempt: SparkAttempt, job_args: list[str], scratch: Path) -> SparkAttempt:
+        s = self.s
+        argv = submit_command(s, job_args, self.py_files, f"gaitflow-features-{attempt.job_id}",
+                              scratch)
         attempt.started = time.monotonic()
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, env=submit_env(s), start_new_session=True,
-                limit=1 << 20)
+                stderr=asyncio.subprocess.PIPE, env=submit_env(s, scratch),
+                start_new_session=True, limit=1 << 20)
         except OSError as exc:
             attempt.state, attempt.error = "failed", f"cannot run {argv[0]}: {exc}"
             return attempt

@@ -16,6 +16,7 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -120,7 +121,8 @@ def expected_features(recording: str, x: np.ndarray) -> pd.DataFrame:
 
 @pytest.mark.timeout(600)
 async def test_segments_to_cassandra_and_a_killed_run_is_retried(
-        lake: Lake, cql: Any, gaitpdb: Callable[[str, int], np.ndarray]) -> None:
+        lake: Lake, cql: Any, gaitpdb: Callable[[str, int], np.ndarray],
+        tmp_path: Path) -> None:
     session, keyspace = cql
     x1, x2 = gaitpdb("GaCo01_01", 3000), gaitpdb("GaPt03_01", 3000)
     # segments as lake_sink rolls them; windows cross the boundaries
@@ -132,7 +134,7 @@ async def test_segments_to_cassandra_and_a_killed_run_is_retried(
         "handlers": {
             "src": {"type": "memory_source", "rows": rows, "batch_size": 2,
                     "outputs": ["spark"]},
-            "spark": spark_section(lake, outputs=["cassandra"]),
+            "spark": spark_section(lake, outputs=["cassandra"], scratch_dir=str(tmp_path)),
             "cassandra": {"type": "cassandra_sink", "keyspace": keyspace, "table": "features",
                           "contract": "features", "on_failure": "stop"},
             "dlq": {"type": "memory_sink"},
@@ -153,6 +155,9 @@ async def test_segments_to_cassandra_and_a_killed_run_is_retried(
         assert time.monotonic() < deadline, "the first run never reported progress"
         await asyncio.sleep(0.2)
     assert first["app_id"] and first["ui"].startswith("http://")
+    # the run's Spark scratch space is its own directory under scratch_dir
+    [scratch] = list(tmp_path.iterdir())
+    assert any(p.name.startswith("blockmgr-") for p in scratch.iterdir()), list(scratch.iterdir())
     os.kill(first["pid"], signal.SIGKILL)  # spark-submit dies mid-run
 
     report = await asyncio.wait_for(run, 550)
@@ -167,6 +172,8 @@ async def test_segments_to_cassandra_and_a_killed_run_is_retried(
     assert rt.metrics.value("spark_jobs_succeeded", "spark") == 1
     # the job's output was read and removed from the lake
     assert [st.name for st in await lake.fs.list_status(lake.features)] == []
+    # no scratch space left behind, not even the killed run's
+    assert list(tmp_path.iterdir()) == []
 
     for recording, x in (("GaCo01_01", x1), ("GaPt03_01", x2)):
         stored = await asyncio.to_thread(

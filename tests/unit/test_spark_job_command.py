@@ -154,6 +154,24 @@ def test_submit_command_local(tmp_path: Path) -> None:
     assert Path(env["SPARK_HOME"], "bin", "spark-class").exists()
 
 
+def test_a_run_scratch_dir_is_spark_local_dir_unless_spark_conf_names_one(tmp_path: Path) -> None:
+    def conf(argv: list[str]) -> dict[str, str]:
+        return dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "--conf")
+
+    scratch = tmp_path / "run-1"
+    s = SparkJobSettings()
+    assert "spark.local.dir" not in conf(submit_command(s, [], tmp_path / "ml.zip", "app"))
+    assert conf(submit_command(s, [], tmp_path / "ml.zip", "app", scratch))["spark.local.dir"] \
+        == str(scratch)
+    env = submit_env(s, scratch)
+    assert env["SPARK_LOCAL_DIRS"] == env["TMPDIR"] == str(scratch)
+    # an operator's spark.local.dir wins, and the environment does not contradict it
+    own = SparkJobSettings(spark_conf={"spark.local.dir": "/data/spark"})
+    assert conf(submit_command(own, [], tmp_path / "ml.zip", "app", scratch))["spark.local.dir"] \
+        == "/data/spark"
+    assert submit_env(own, scratch).get("SPARK_LOCAL_DIRS") == os.environ.get("SPARK_LOCAL_DIRS")
+
+
 def test_submit_command_cluster_has_no_loopback(tmp_path: Path) -> None:
     s = SparkJobSettings(master="spark://master:7077", python=Path("/opt/py/bin/python3"),
                          env={"HADOOP_CONF_DIR": "/etc/hadoop"})
