@@ -443,6 +443,23 @@ class _Token:
     acks: tuple[tuple[int, int], ...]
 
 
+class _Received:
+    """What the source keeps of a message read and not handled yet (the inbox).
+
+    Not the ``aiomqtt.Message``: its paho ``Properties`` object alone costs about 6 kB
+    of Python objects per message, and a backlog of ``max_inflight`` messages can sit
+    in the inbox while downstream is slow.
+    """
+
+    __slots__ = ("mid", "payload", "qos", "topic")
+
+    def __init__(self, msg: aiomqtt.Message) -> None:
+        p = msg.payload
+        self.payload = p if isinstance(p, bytes) else str(p).encode()
+        self.topic = str(msg.topic)
+        self.mid, self.qos = msg.mid, msg.qos
+
+
 class _Pending:
     """Valid messages read and not yet emitted (the coalescing buffer)."""
 
@@ -477,7 +494,7 @@ class MqttSource(Source):
         self._timelines = Timelines(s.reorder_tolerance)
         self._conn: aiomqtt.Client | None = None
         self._gen = 0
-        self._inbox: deque[aiomqtt.Message] = deque()
+        self._inbox: deque[_Received] = deque()
         self._pump_error: BaseException | None = None
         self._arrived: asyncio.Event | None = None
         self._room: asyncio.Event | None = None
@@ -627,7 +644,7 @@ class MqttSource(Source):
         assert self._arrived is not None
         try:
             async for msg in conn.messages:
-                self._inbox.append(msg)
+                self._inbox.append(_Received(msg))
                 self._arrived.set()
         except aiomqtt.MqttError as exc:
             self._pump_error = exc
@@ -695,9 +712,9 @@ class MqttSource(Source):
             self._inflight -= len(pending)
             self._inbox.clear()
 
-    async def _handle(self, msg: aiomqtt.Message, pending: _Pending, gen: int) -> None:
+    async def _handle(self, msg: _Received, pending: _Pending, gen: int) -> None:
         self._m["messages"].inc()
-        payload = msg.payload if isinstance(msg.payload, bytes) else str(msg.payload).encode()
+        payload = msg.payload
         ack = (msg.mid, msg.qos)
         try:
             item = parse_payload(payload, self.settings.max_payload_bytes)

@@ -6,14 +6,18 @@ every (re)connection, PUBACKs are recorded in the order they arrive.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Self
 
 import aiomqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
-from handlers.mqtt_source import COLUMNS, MqttSource
+from handlers.mqtt_source import COLUMNS, MqttSource, _Received
 from pipeline import Runtime, StartError
 
 _DROP = object()
@@ -62,7 +66,8 @@ class FakeClient:
         self._client = _Paho(self)
 
     def deliver(self, mid: int, payload: bytes) -> None:
-        self.queue.put_nowait(aiomqtt.Message("gait/x", payload, 1, False, mid, None))
+        props = Properties(PacketTypes.PUBLISH)  # as paho gives every MQTT 5 message
+        self.queue.put_nowait(aiomqtt.Message("gait/x", payload, 1, False, mid, props))
 
     async def __aenter__(self) -> Self:
         if self.broker.refuse:
@@ -183,6 +188,36 @@ async def test_inflight_window_bounds_unacknowledged_messages(broker: FakeBroker
         await until(lambda: len(broker.acks) == 40)
         assert rt.handlers["sink"].row_count == 40
         assert rt.handlers["mqtt"].high == 4
+
+
+async def test_a_backlog_in_the_inbox_keeps_payloads_not_paho_messages(
+        broker: FakeBroker) -> None:
+    # downstream is slow, so read messages wait in the inbox: each keeps its payload,
+    # topic, mid and QoS, not the aiomqtt message and its paho Properties (~6 kB each)
+    for i in range(40):
+        broker.publish(sample("A", i))
+    async with runtime({"batch_rows": 1, "linger_ms": 0}, sink={"delay": 0.1}) as rt:
+        src = rt.handlers["mqtt"]
+        await until(lambda: len(src._inbox) >= 20)
+        entry = src._inbox[-1]
+        assert not any(isinstance(o, (aiomqtt.Message, Properties))
+                       for o in gc.get_referents(entry))
+        assert entry.topic == "gait/x" and entry.qos == 1
+        assert json.loads(entry.payload) == sample("A", entry.mid - 1)
+        await until(lambda: len(broker.acks) == 40)
+        assert sorted(r["seq"] for r in rt.handlers["sink"].rows()) == list(range(40))
+
+    # what an inbox entry costs beyond its payload
+    msgs = [aiomqtt.Message("gait/x", b"{}", 1, False, i, Properties(PacketTypes.PUBLISH))
+            for i in range(200)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [_Received(m) for m in msgs]
+        per_entry = (tracemalloc.get_traced_memory()[0] - before) / len(kept)
+    finally:
+        tracemalloc.stop()
+    assert per_entry < 300, per_entry
 
 
 async def test_reconnect_redelivers_and_never_acks_on_a_dead_connection(
