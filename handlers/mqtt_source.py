@@ -66,6 +66,11 @@ Backpressure
     ``roll_interval > 0``; one-sample messages then flow at most at about
     ``max_inflight / roll_interval`` messages per second.
 
+    Memory: a message waiting to be handled costs its payload and about 100 bytes
+    (the source keeps payload, topic, mid and QoS, not the client library's
+    message object, which is about 6 kB more), so a full window of 100-sample JSON
+    messages (about 11 kB each) at the default ``max_inflight`` is about 220 MB.
+
 Scale-out
     ``shared_group`` subscribes as ``$share/<group>/<topic>`` (MQTT 5 shared
     subscription): the broker spreads messages over every source of the group.
