@@ -622,10 +622,14 @@ class SparkJob(Processor):
 
     async def _job_args(self, job: _Job) -> list[str]:
         s = self.settings
+        def directory(seg: _Segment) -> str:
+            return f"{seg.root}/date=*/recording={seg.recording}"
+
         spec = {
             "job_id": job.job_id,
-            "inputs": sorted({f"{seg.root}/date=*/recording={seg.recording}"
-                              for seg in job.segments}),
+            "inputs": sorted({directory(seg) for seg in job.segments}),
+            # read whole: the recordings whose final windows this run emits
+            "complete_inputs": sorted({directory(seg) for seg in job.segments if seg.final}),
             "output": f"{s.hdfs_url.rstrip('/')}{s.features_root}/job={job.job_id}",
             "features": s.features,
             "window_s": s.window_s,

@@ -22,6 +22,14 @@ The job spec (JSON, inline or a file on HDFS / any Hadoop file system):
                   (``ml.features.baseline_frame``: the tutorial's per-100-row means)
 ``window_s``, ``step_s``, ``baseline_rows``   parameters of those functions
 ``recordings``    optional: keep only these recordings
+``complete_inputs`` optional: the ``inputs`` that must be read whole (the spark_job
+                  handler names the recordings whose final segment the run covers).
+                  A file of the other inputs that is listed and then gone before it
+                  is read is skipped: the lake sink replaced it (a live recording's
+                  partial file, every ``roll_interval``) and the replacing file has
+                  its own event, so a later run covers its rows (handlers/README.md
+                  §3; windows are never computed across a gap). A vanished file of a
+                  complete input fails the run, which the handler reruns.
 
 What it does: reads the raw columns with a fixed schema (no inference: a column of
 another type fails the job, a missing one reads as null and the windows it touches
@@ -95,6 +103,7 @@ class JobSpec:
     step_s: float = mlf.DEFAULT_STEP_S
     baseline_rows: int = 100
     recordings: list[str] | None = field(default=None)
+    complete_inputs: list[str] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, doc: Any) -> JobSpec:
@@ -123,6 +132,9 @@ class JobSpec:
         if self.recordings is not None and not all(
                 isinstance(r, str) and _ID.match(r) for r in self.recordings):
             raise SpecError("job spec: recordings must be a list of recording ids")
+        if not isinstance(self.complete_inputs, list) or any(
+                p not in self.inputs for p in self.complete_inputs):
+            raise SpecError("job spec: complete_inputs must be a list of some of the inputs")
         if not (self.window_s > 0 and self.step_s > 0 and self.baseline_rows > 0):
             raise SpecError("job spec: window_s, step_s and baseline_rows must be positive")
 
@@ -264,9 +276,13 @@ def run(spark: Any, spec: JobSpec) -> dict[str, Any]:
 
     # Inputs are directories (or globs of them): their part-*.parquet files are listed
     # on the driver, recursively, without partition discovery (date=, recording= are
-    # not columns: recording is in the data).
-    raw = (spark.read.schema(raw_schema()).option("recursiveFileLookup", "true")
-           .option("pathGlobFilter", "part-*.parquet").parquet(*spec.inputs))
+    # not columns: recording is in the data). Files that vanish between listing and
+    # reading are skipped, except in complete_inputs (see the module docstring).
+    complete = [p for p in spec.inputs if p in set(spec.complete_inputs)]
+    partial = [p for p in spec.inputs if p not in set(spec.complete_inputs)]
+    parts = [_read_raw(spark, paths, skip_missing=skip)
+             for paths, skip in ((partial, True), (complete, False)) if paths]
+    raw = parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1])
     raw = raw.where(F.col("recording").isNotNull() & F.col("seq").isNotNull()
                     & (F.col("seq") >= 0))
     if spec.recordings is not None:
@@ -275,6 +291,13 @@ def run(spark: Any, spec: JobSpec) -> dict[str, Any]:
     out.write.mode("overwrite").option("compression", "zstd").parquet(spec.output)
     return {"rows": rows_in.value, "recordings": recordings_in.value,
             "feature_seconds": round(busy.value, 3)}
+
+
+def _read_raw(spark: Any, paths: list[str], *, skip_missing: bool) -> Any:
+    reader = (spark.read.schema(raw_schema()).option("recursiveFileLookup", "true")
+              .option("pathGlobFilter", "part-*.parquet")
+              .option("ignoreMissingFiles", "true" if skip_missing else "false"))
+    return reader.parquet(*paths)
 
 
 def _read_text(spark: Any, url: str) -> str:

@@ -66,6 +66,8 @@ def test_spec_defaults_follow_ml() -> None:
     ({"inputs": []}, "inputs"),
     ({"features": "deep"}, "features"),
     ({"recordings": ["ok", "b*d"]}, "recordings"),
+    ({"complete_inputs": ["hdfs://x/raw/date=*/recording=other"]}, "complete_inputs"),
+    ({"complete_inputs": "hdfs://x/raw"}, "complete_inputs"),
     ({"window_s": 0}, "positive"),
     ({"colour": "red"}, "unknown keys"),
 ])

@@ -310,6 +310,8 @@ async def test_features_emitted_per_recording_and_events_committed(
     assert spec["inputs"] == [  # every segment of each recording, not only the new ones
         "hdfs://fake:8020/lake/raw/date=*/recording=GaCo01_01",
         "hdfs://fake:8020/lake/raw/date=*/recording=GaPt03_01"]
+    # the recording that ended is read whole; a vanished file of the other is skipped
+    assert spec["complete_inputs"] == ["hdfs://fake:8020/lake/raw/date=*/recording=GaCo01_01"]
     assert spec["output"] == f"hdfs://fake:8020/features/job={spec['job_id']}"
     assert "--spec-json" in call["argv"] and "--py-files" in call["argv"]
     assert call["env"]["FAKE_EXTRA"] == "yes" and call["env"]["PYSPARK_PYTHON"]
