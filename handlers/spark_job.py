@@ -40,11 +40,19 @@ Behaviour
     but only those of the recordings at fault: in a job over several recordings,
     the recordings the error names (a corrupt file's path) are dead-lettered and
     the others rerun without them; an error naming none reruns each recording
-    alone, once. A run that fails because a segment file it listed was deleted
-    before Spark read it (the lake sink merged it into a new file while the job
-    ran) is rerun at once, up to ``max_input_reruns`` times, without counting as a
-    failed attempt: the next listing sees the merged file. Malformed events (missing columns, unsafe ids, a path outside the
-    lake layout) are rejected to dead letter at once.
+    alone, once.
+
+    Segment files replaced while a run reads them: the lake sink rewrites a live
+    recording's partial file every ``roll_interval`` (handlers/README.md §3). A
+    run skips a listed file that is gone when read (Spark's ``ignoreMissingFiles``):
+    the replacing file has its own event, so a later run covers its rows, and
+    windows are never computed across a gap. The recordings whose final segment
+    the run covers are read whole instead (``complete_inputs`` of the job spec:
+    their windows go out as ``final``); if one of their files vanishes, the run is
+    rerun at once, up to ``max_input_reruns`` times, without counting as a failed
+    attempt, and the next listing sees the new file. Malformed events (missing
+    columns, unsafe ids, a path outside the lake layout) are rejected to dead
+    letter at once.
 
     Shutdown: ``on_shutdown = "wait"`` runs a last job over everything pending and
     waits for it (bounded by ``[runtime] drain_timeout``); ``"cancel"`` kills the
