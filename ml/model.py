@@ -329,9 +329,8 @@ class GaitModel:
         for m in (m for m in self.members if m.kind == "set"):
             # every window's decision once; a recording's is the mean of its windows'
             assert isinstance(m.estimator, SetKernelSVM)
-            d = m.estimator.window_decisions(np.concatenate(feats))
+            d, rec_d = m.estimator.decisions(feats)
             wb = np.concatenate([[0], np.cumsum([len(f) for f in feats])])
-            rec_d = np.add.reduceat(d, wb[:-1], axis=0) / np.diff(wb)[:, None]
             rec_sum += m.estimator.proba_from_decisions(rec_d)
             pw = m.estimator.proba_from_decisions(d)
             for i in range(n_items):

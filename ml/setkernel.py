@@ -179,13 +179,18 @@ class SetKernelSVM:
         a, b = self.platt_[:, 0], self.platt_[:, 1]
         return (1.0 / (1.0 + np.exp(-(d * a + b)))).mean(axis=1)
 
-    def bag_decisions(self, bags: Sequence[np.ndarray]) -> np.ndarray:
-        """Per-fold decisions of whole bags: the mean of their windows' decisions."""
+    def decisions(self, bags: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-fold decisions of every window of ``bags`` (concatenated, in order) and of
+        each whole bag (the mean of its windows'), each window scored once."""
         sizes = np.array([len(b) for b in bags], dtype=np.int64)
         if (sizes < 1).any():
             raise ValueError("every recording needs at least one window")
         d = self.window_decisions(np.concatenate([np.asarray(b) for b in bags]))
-        return np.add.reduceat(d, _bounds(sizes)[:-1], axis=0) / sizes[:, None]
+        return d, np.add.reduceat(d, _bounds(sizes)[:-1], axis=0) / sizes[:, None]
+
+    def bag_decisions(self, bags: Sequence[np.ndarray]) -> np.ndarray:
+        """Per-fold decisions of whole bags: the mean of their windows' decisions."""
+        return self.decisions(bags)[1]
 
     def predict_proba_bags(self, bags: Sequence[np.ndarray]) -> np.ndarray:
         """P(parkinson) of each bag (recording)."""

@@ -278,8 +278,9 @@ def run(spark: Any, spec: JobSpec) -> dict[str, Any]:
     # on the driver, recursively, without partition discovery (date=, recording= are
     # not columns: recording is in the data). Files that vanish between listing and
     # reading are skipped, except in complete_inputs (see the module docstring).
-    complete = [p for p in spec.inputs if p in set(spec.complete_inputs)]
-    partial = [p for p in spec.inputs if p not in set(spec.complete_inputs)]
+    whole = set(spec.complete_inputs)
+    complete = [p for p in spec.inputs if p in whole]
+    partial = [p for p in spec.inputs if p not in whole]
     parts = [_read_raw(spark, paths, skip_missing=skip)
              for paths, skip in ((partial, True), (complete, False)) if paths]
     raw = parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1])
