@@ -58,8 +58,10 @@ __all__ = [
     "aggregate",
     "aggregate_each",
     "feature_columns",
+    "fit_member",
     "make_estimator",
     "make_set_svm",
+    "member_oof_scores",
     "window_columns",
 ]
 
@@ -226,10 +228,53 @@ class Member:
         ``set`` member a sequence of window-feature matrices, one per recording."""
         if isinstance(self.estimator, SetKernelSVM):
             return self.estimator.predict_proba_bags(x)
-        assert isinstance(x, np.ndarray)
-        if self.columns is not None:
-            x = x[:, self.columns]
-        return self.estimator.predict_proba(x)[:, 1]
+        return self.estimator.predict_proba(_member_matrix(np.asarray(x), self.columns))[:, 1]
+
+
+def _member_matrix(x: np.ndarray, columns: np.ndarray | None) -> np.ndarray:
+    return x if columns is None else x[:, columns]
+
+
+def fit_member(name: str, x: np.ndarray | Sequence[np.ndarray], y: np.ndarray,
+               folds: Sequence[tuple[np.ndarray, np.ndarray]], seed: int = 0,
+               rocket: MiniRocket | None = None) -> Member:  # fmt: skip
+    """Fit and calibrate base member ``name`` on recordings ``x``, taken as
+    :meth:`Member.proba` takes them (all aggregated columns, rocket features, or a
+    set member's window-feature matrices); ``folds`` (positions in ``x``, by
+    subject) are the calibration folds. ``rocket`` is the fitted transform a
+    rocket member's features came from."""
+    spec = MEMBERS[name]
+    if spec.kind == "set":
+        return Member(name, spec.kind, make_set_svm(spec.feature_set).fit(list(x), y, folds))
+    columns = feature_columns(spec.feature_set) if spec.kind == "features" else None
+    est = calibrated(make_estimator(spec.estimator, seed), folds)
+    est.fit(_member_matrix(np.asarray(x), columns), y)
+    return Member(name, spec.kind, est, rocket=rocket if spec.kind == "rocket" else None,
+                  columns=columns)  # fmt: skip
+
+
+def member_oof_scores(name: str, x: np.ndarray | Sequence[np.ndarray], y: np.ndarray,
+                      folds: Sequence[tuple[np.ndarray, np.ndarray]], seed: int = 0,
+                      ) -> np.ndarray:  # fmt: skip
+    """Uncalibrated out-of-fold scores of base member ``name`` over ``folds``
+    (positions in ``x``, which is as in :func:`fit_member`): enough to rank
+    candidates, which is all the inner selection does with them."""
+    spec = MEMBERS[name]
+    if spec.kind == "set":
+        return make_set_svm(spec.feature_set).oof_decisions(list(x), y, folds)
+    columns = feature_columns(spec.feature_set) if spec.kind == "features" else None
+    xs = _member_matrix(np.asarray(x), columns)
+    out = np.full(len(y), np.nan)
+    for tr, te in folds:
+        est = make_estimator(spec.estimator, seed).fit(xs[tr], y[tr])
+        out[te] = _score(est, xs[te])
+    return out
+
+
+def _score(est: object, x: np.ndarray) -> np.ndarray:
+    if hasattr(est, "predict_proba"):
+        return est.predict_proba(x)[:, 1]
+    return est.decision_function(x)  # type: ignore[attr-defined]
 
 
 @dataclass

@@ -58,11 +58,9 @@ from .model import (
     GaitModel,
     Member,
     aggregate,
-    calibrated,
-    feature_columns,
-    make_estimator,
+    fit_member,
     make_rocket,
-    make_set_svm,
+    member_oof_scores,
 )
 from .rocket import MiniRocket
 
@@ -199,21 +197,27 @@ def rocket_transform(rocket: MiniRocket, series: list[np.ndarray], jobs: int = 2
 # ----------------------------------------------------------------------------- models
 
 
-def _score(est: Any, x: np.ndarray) -> np.ndarray:
-    if hasattr(est, "predict_proba"):
-        return est.predict_proba(x)[:, 1]
-    return est.decision_function(x)
+@dataclass
+class Inputs:
+    """What the members read, row-aligned with the recordings: the aggregated
+    summaries, the window-feature bags and, when a rocket member is used, the
+    fitted MiniRocket transform and every recording's mean MiniRocket features."""
 
+    agg: np.ndarray
+    bags: np.ndarray
+    rk: np.ndarray | None = None
+    rocket: MiniRocket | None = None
 
-def _inputs(member: str, agg: np.ndarray, rk: np.ndarray | None) -> np.ndarray:
-    """The recording-level matrix a summary or rocket member reads (its columns only)."""
-    spec = MEMBERS[member]
-    if spec.kind == "rocket":
-        assert rk is not None
-        return rk
-    if spec.kind != "features":
-        raise ValueError(f"member {member!r} does not read a recording-level matrix")
-    return agg[:, feature_columns(spec.feature_set)]
+    def read(self, member: str, rows: np.ndarray) -> np.ndarray | list[np.ndarray]:
+        """Member ``member``'s input for ``rows``, as :meth:`Member.proba` takes it."""
+        kind = MEMBERS[member].kind
+        if kind == "set":
+            return list(self.bags[rows])
+        if kind == "rocket":
+            if self.rk is None:
+                raise ValueError(f"member {member!r} needs the sensor series (load them)")
+            return self.rk[rows]
+        return self.agg[rows]
 
 
 def _local_folds(folds: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -223,29 +227,15 @@ def _local_folds(folds: Sequence[tuple[np.ndarray, np.ndarray]],
     return [(np.array([pos[i] for i in a]), np.array([pos[i] for i in b])) for a, b in folds]
 
 
-def select_candidate(meta: pd.DataFrame, agg: np.ndarray, rk: np.ndarray | None,
-                     train: np.ndarray, candidates: Sequence[str], inner_folds: int,
-                     seed: int, bags: np.ndarray | None = None,
+def select_candidate(meta: pd.DataFrame, inputs: Inputs, train: np.ndarray,
+                     candidates: Sequence[str], inner_folds: int, seed: int,
                      ) -> tuple[str, dict[str, float]]:  # fmt: skip
     """Pick the candidate with the best inner-CV AUC on the ``train`` rows only."""
-    y = meta["label"].to_numpy(dtype=int)
-    folds = subject_folds(meta, inner_folds, seed, index=train)
+    yt = meta["label"].to_numpy(dtype=int)[train]
+    local = _local_folds(subject_folds(meta, inner_folds, seed, index=train), train)
     members = sorted({m for c in candidates for m in CANDIDATES[c]})
-    oof = {m: np.full(len(meta), np.nan) for m in members}
-    for m in members:
-        spec = MEMBERS[m]
-        if spec.kind == "set":
-            assert bags is not None
-            svm = make_set_svm(spec.feature_set)
-            oof[m][train] = svm.oof_decisions(list(bags[train]), y[train],
-                                              _local_folds(folds, train))  # fmt: skip
-            continue
-        x = _inputs(m, agg, rk)
-        for tr, te in folds:
-            est = make_estimator(spec.estimator, seed).fit(x[tr], y[tr])
-            oof[m][te] = _score(est, x[te])
-    yt = y[train]
-    ranks = {m: rankdata(oof[m][train]) / len(train) for m in members}
+    ranks = {m: rankdata(member_oof_scores(m, inputs.read(m, train), yt, local, seed)) / len(train)
+             for m in members}  # fmt: skip
     scores = {}
     for c in candidates:
         s = np.mean([ranks[m] for m in CANDIDATES[c]], axis=0)
@@ -254,43 +244,18 @@ def select_candidate(meta: pd.DataFrame, agg: np.ndarray, rk: np.ndarray | None,
     return best, scores
 
 
-def fit_members(meta: pd.DataFrame, agg: np.ndarray, rk: np.ndarray | None,
-                train: np.ndarray, names: Sequence[str], inner_folds: int, seed: int,
-                rocket: MiniRocket | None = None,
-                bags: np.ndarray | None = None) -> dict[str, Member]:  # fmt: skip
+def fit_members(meta: pd.DataFrame, inputs: Inputs, train: np.ndarray, names: Sequence[str],
+                inner_folds: int, seed: int) -> dict[str, Member]:  # fmt: skip
     """Calibrated members fitted on ``train`` rows (calibration folds by subject)."""
-    y = meta["label"].to_numpy(dtype=int)
-    folds = subject_folds(meta, inner_folds, seed, index=train)
-    local = _local_folds(folds, train)
-    out = {}
-    for m in names:
-        spec = MEMBERS[m]
-        if spec.kind == "set":
-            assert bags is not None
-            svm = make_set_svm(spec.feature_set).fit(list(bags[train]), y[train], local)
-            out[m] = Member(m, spec.kind, svm)
-            continue
-        x = _inputs(m, agg, rk)[train]
-        est = calibrated(make_estimator(spec.estimator, seed), local).fit(x, y[train])
-        if spec.kind == "rocket":
-            out[m] = Member(m, spec.kind, est, rocket=rocket)
-        else:
-            out[m] = Member(m, spec.kind, est, columns=feature_columns(spec.feature_set))
-    return out
+    yt = meta["label"].to_numpy(dtype=int)[train]
+    local = _local_folds(subject_folds(meta, inner_folds, seed, index=train), train)
+    return {m: fit_member(m, inputs.read(m, train), yt, local, seed, inputs.rocket)
+            for m in names}  # fmt: skip
 
 
-def _ensemble_proba(members: dict[str, Member], cand: str, agg: np.ndarray,
-                    rk: np.ndarray | None, rows: np.ndarray,
-                    bags: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
-    def full(m: str) -> np.ndarray:  # members select their own columns
-        kind = members[m].kind
-        return {"rocket": rk, "set": bags}.get(kind, agg)  # type: ignore[return-value]
-
-    def inputs(m: str) -> Any:
-        x = full(m)[rows]
-        return list(x) if members[m].kind == "set" else x
-
-    return np.mean([members[m].proba(inputs(m)) for m in CANDIDATES[cand]], axis=0)
+def _ensemble_proba(members: dict[str, Member], cand: str, inputs: Inputs,
+                    rows: np.ndarray) -> np.ndarray:  # fmt: skip
+    return np.mean([members[m].proba(inputs.read(m, rows)) for m in CANDIDATES[cand]], axis=0)
 
 
 @dataclass
@@ -313,8 +278,7 @@ def nested_cv(ds: Dataset, *, folds: int = 5, inner_folds: int = 4, seed: int = 
     meta, y = ds.meta, ds.y
     if model is not None and model not in candidates:
         candidates = [model, *candidates]
-    agg = ds.aggregated()
-    bags = ds.bags()
+    inputs = Inputs(ds.aggregated(), ds.bags())
     use_rocket = ds.series is not None and any(
         MEMBERS[m].kind == "rocket" for c in candidates for m in CANDIDATES[c]
     )
@@ -327,19 +291,17 @@ def nested_cv(ds: Dataset, *, folds: int = 5, inner_folds: int = 4, seed: int = 
                    {c: np.full(n, np.nan) for c in candidates}, [])  # fmt: skip
     for k, (tr, te) in enumerate(subject_folds(meta, folds, seed)):
         t0 = time.perf_counter()
-        rk, rocket = None, None
         if use_rocket:
             assert ds.series is not None
-            rocket, rk = rocket_fit_transform(ds.series, tr, seed + k, jobs)
+            inputs.rocket, inputs.rk = rocket_fit_transform(ds.series, tr, seed + k, jobs)
         if model is None:
-            best, scores = select_candidate(meta, agg, rk, tr, candidates, inner_folds,
-                                            seed + 1, bags)  # fmt: skip
+            best, scores = select_candidate(meta, inputs, tr, candidates, inner_folds, seed + 1)
         else:
             best, scores = model, {}
         needed = sorted({m for c in candidates for m in CANDIDATES[c]})
-        members = fit_members(meta, agg, rk, tr, needed, inner_folds, seed + 2, rocket, bags)
+        members = fit_members(meta, inputs, tr, needed, inner_folds, seed + 2)
         for c in candidates:
-            res.per_candidate[c][te] = _ensemble_proba(members, c, agg, rk, te, bags)
+            res.per_candidate[c][te] = _ensemble_proba(members, c, inputs, te)
         res.nested[te] = res.per_candidate[best][te]
         res.threshold[te] = float(y[tr].mean())
         res.fold_of[te] = k
@@ -359,15 +321,13 @@ def nested_cv(ds: Dataset, *, folds: int = 5, inner_folds: int = 4, seed: int = 
 def fit_final(ds: Dataset, candidate: str, *, inner_folds: int = 4, seed: int = 0,
               jobs: int = 2, version: str) -> GaitModel:  # fmt: skip
     meta = ds.meta
-    agg = ds.aggregated()
+    inputs = Inputs(ds.aggregated(), ds.bags())
     names = CANDIDATES[candidate]
-    rocket, rk = None, None
     everyone = np.arange(len(meta))
     if any(MEMBERS[m].kind == "rocket" for m in names):
         assert ds.series is not None
-        rocket, rk = rocket_fit_transform(ds.series, everyone, seed, jobs)
-    members = fit_members(meta, agg, rk, everyone, names, inner_folds, seed + 2, rocket,
-                          ds.bags())  # fmt: skip
+        inputs.rocket, inputs.rk = rocket_fit_transform(ds.series, everyone, seed, jobs)
+    members = fit_members(meta, inputs, everyone, names, inner_folds, seed + 2)
     return GaitModel(
         version=version,
         candidate=candidate,
@@ -414,24 +374,13 @@ def leaky_comparison(ds: Dataset, candidate: str, seed: int = 0, folds: int = 5,
     # 2. random recording split (same candidate's window-feature members)
     names = [m for m in CANDIDATES[candidate]
              if MEMBERS[m].kind in ("features", "set")] or ["logreg"]  # fmt: skip
-    agg = ds.aggregated()
-    bags = ds.bags()
+    inputs = Inputs(ds.aggregated(), ds.bags())
     p = np.zeros(len(y))
     thr = np.zeros(len(y))
-    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(agg, y):
-        probs = []
-        folds_tr = list(StratifiedKFold(4, shuffle=True, random_state=seed).split(agg[tr], y[tr]))
-        for m in names:
-            spec = MEMBERS[m]
-            if spec.kind == "set":
-                svm = make_set_svm(spec.feature_set).fit(list(bags[tr]), y[tr], folds_tr)
-                probs.append(svm.predict_proba_bags(list(bags[te])))
-                continue
-            cols = feature_columns(spec.feature_set)
-            est = calibrated(make_estimator(spec.estimator, seed), folds_tr)
-            est.fit(agg[tr][:, cols], y[tr])
-            probs.append(est.predict_proba(agg[te][:, cols])[:, 1])
-        p[te] = np.mean(probs, axis=0)
+    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(inputs.agg, y):
+        folds_tr = list(StratifiedKFold(4, shuffle=True, random_state=seed).split(tr, y[tr]))
+        p[te] = np.mean([fit_member(m, inputs.read(m, tr), y[tr], folds_tr, seed)
+                         .proba(inputs.read(m, te)) for m in names], axis=0)  # fmt: skip
         thr[te] = y[tr].mean()
     out["random_recording_split"] = (
         binary_metrics(y, p - thr + 0.5, 0.5)

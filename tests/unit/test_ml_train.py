@@ -179,6 +179,31 @@ def test_fixed_model_is_not_selected_but_auto_selects_inside(synth_dir: Path) ->
         T.nested_cv(ds, folds=3, inner_folds=2, candidates=cands, jobs=1, model="ensemble_all")
 
 
+def test_every_member_kind_is_fitted_and_scored_through_one_interface(synth_dir: Path) -> None:
+    from ml.model import feature_columns, fit_member, member_oof_scores
+
+    ds = T.load_dataset(synth_dir, series=False, jobs=1)
+    y, rows = ds.y, np.arange(len(ds.y))
+    inputs = T.Inputs(ds.aggregated(), ds.bags())
+    folds = T._local_folds(E.subject_folds(ds.meta, 2, seed=0), rows)
+    for name in ("logreg_core", "svm", "set_svm"):
+        x = inputs.read(name, rows)
+        member = fit_member(name, x, y, folds, seed=0)
+        assert member.kind == MEMBERS[name].kind
+        p = member.proba(x)
+        assert p.shape == (len(y),) and ((p >= 0) & (p <= 1)).all()
+        oof = member_oof_scores(name, x, y, folds, seed=0)
+        assert np.isfinite(oof).all()  # every row scored once, out of fold
+    # a summary member reads its own columns only: the others cannot move its output
+    member = fit_member("logreg_core", inputs.agg, y, folds)
+    others = np.setdiff1d(np.arange(inputs.agg.shape[1]), feature_columns("core"))
+    noisy = inputs.agg.copy()
+    noisy[:, others] = np.random.default_rng(0).normal(size=(len(y), len(others))) * 1e6
+    np.testing.assert_array_equal(member.proba(inputs.agg), member.proba(noisy))
+    with pytest.raises(ValueError, match="rocket_logreg.*sensor series"):
+        inputs.read("rocket_logreg", rows)
+
+
 def test_cli_refuses_an_unknown_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         T.main(["--data", str(tmp_path), "--out", str(tmp_path), "--model", "nope"])
