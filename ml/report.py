@@ -12,7 +12,7 @@ from . import features as F
 from .artifact import library_versions
 from .evaluate import METRICS
 
-__all__ = ["plot_calibration", "plot_roc", "write_report"]
+__all__ = ["error_subjects", "plot_calibration", "plot_roc", "write_report"]
 
 
 def _roc_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -91,6 +91,43 @@ def _metrics_md(table: pd.DataFrame) -> str:
     for r in table.itertuples(index=False):
         cells = [_fmt(getattr(r, k), getattr(r, f"{k}_lo"), getattr(r, f"{k}_hi")) for k in METRICS]
         lines.append(f"| {r.slice} {r.name} | {r.n} | {r.n_subjects} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def error_subjects(preds: pd.DataFrame) -> pd.DataFrame:
+    """Subjects with at least one misclassified recording (out-of-fold prediction
+    against its fold's threshold), most errors first: study, label, walks, wrong,
+    mean probability."""
+    wrong = (preds["probability"] >= preds["threshold"]).astype(int) != preds["label"]
+    g = preds.assign(wrong=wrong).groupby("subject").agg(
+        study=("study", "first"), label=("label", "first"), walks=("wrong", "size"),
+        wrong=("wrong", "sum"), probability=("probability", "mean"),
+    )  # fmt: skip
+    g = g[g["wrong"] > 0].reset_index()
+    return g.sort_values(["wrong", "walks", "subject"], ascending=[False, True, True],
+                         ignore_index=True)  # fmt: skip
+
+
+def _errors_md(preds: pd.DataFrame, top: int = 10) -> str:
+    subj = error_subjects(preds)
+    n_wrong = int(subj["wrong"].sum())
+    if n_wrong == 0:
+        return "No recording is misclassified."
+    always = subj[subj["wrong"] == subj["walks"]]
+    multi = always[always["walks"] > 1]
+    lines = [
+        (f"{n_wrong} of {len(preds)} recordings are misclassified, from {len(subj)} subjects. "
+        f"{len(always)} subjects have every walk misclassified; those with several walks "
+        f"({len(multi)}) account for {int(multi['wrong'].sum())} of the errors, because "
+        "recording-level figures count each walk. The subjects with the most errors:"),
+        "",
+        "| subject | study | true label | walks | misclassified | mean probability |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for r in subj.head(top).itertuples(index=False):
+        label = "parkinson" if r.label == 1 else "control"
+        lines.append(f"| {r.subject} | {r.study} | {label} | {r.walks} | {r.wrong} | "
+                     f"{r.probability:.3f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -227,6 +264,9 @@ AUC {_fmt(sl['auc'])}, balanced accuracy {_fmt(sl['balanced_accuracy'])}.
 {_metrics_md(table)}
 
 ![ROC](roc.png) ![calibration](calibration.png)
+
+### Where the errors are
+{_errors_md(preds)}
 {rep_md}
 ### Candidates (outer-CV out-of-fold predictions, recording level, mean over repeats)
 {chr(10).join(cand_lines)}

@@ -314,3 +314,25 @@ def test_load_model_refuses_mismatched_artifacts(trained: Path, tmp_path: Path) 
 def test_cli_reports_a_missing_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert T.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_error_subjects_counts_misclassified_walks_per_subject() -> None:
+    from ml.report import _errors_md, error_subjects
+
+    preds = pd.DataFrame({
+        "subject": ["A", "A", "A", "B", "C", "C"],
+        "study": ["Ju", "Ju", "Ju", "Si", "Ga", "Ga"],
+        "label": [1, 1, 1, 0, 0, 0],
+        "probability": [0.2, 0.3, 0.1, 0.9, 0.1, 0.7],
+        "threshold": [0.6, 0.6, 0.6, 0.6, 0.6, 0.5],
+    })  # fmt: skip
+    subj = error_subjects(preds)
+    assert subj["subject"].tolist() == ["A", "B", "C"]  # most errors first, then fewer walks
+    assert subj["wrong"].tolist() == [3, 1, 1] and subj["walks"].tolist() == [3, 1, 2]
+    np.testing.assert_allclose(subj["probability"], [0.2, 0.9, 0.4])
+    md = _errors_md(preds)
+    assert md.startswith("5 of 6 recordings are misclassified, from 3 subjects. 2 subjects")
+    assert "(1) account for 3 of the errors" in md
+    assert "| A | Ju | parkinson | 3 | 3 | 0.200 |" in md
+    ok = preds.assign(probability=[0.9, 0.9, 0.9, 0.1, 0.1, 0.1])
+    assert error_subjects(ok).empty and _errors_md(ok) == "No recording is misclassified."
