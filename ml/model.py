@@ -235,6 +235,11 @@ def _member_matrix(x: np.ndarray, columns: np.ndarray | None) -> np.ndarray:
     return x if columns is None else x[:, columns]
 
 
+def _summary_columns(spec: MemberSpec) -> np.ndarray | None:
+    """The aggregated columns a summary member reads (``None``: all of its input)."""
+    return feature_columns(spec.feature_set) if spec.kind == "features" else None
+
+
 def fit_member(name: str, x: np.ndarray | Sequence[np.ndarray], y: np.ndarray,
                folds: Sequence[tuple[np.ndarray, np.ndarray]], seed: int = 0,
                rocket: MiniRocket | None = None) -> Member:  # fmt: skip
@@ -246,7 +251,7 @@ def fit_member(name: str, x: np.ndarray | Sequence[np.ndarray], y: np.ndarray,
     spec = MEMBERS[name]
     if spec.kind == "set":
         return Member(name, spec.kind, make_set_svm(spec.feature_set).fit(list(x), y, folds))
-    columns = feature_columns(spec.feature_set) if spec.kind == "features" else None
+    columns = _summary_columns(spec)
     est = calibrated(make_estimator(spec.estimator, seed), folds)
     est.fit(_member_matrix(np.asarray(x), columns), y)
     return Member(name, spec.kind, est, rocket=rocket if spec.kind == "rocket" else None,
@@ -262,7 +267,7 @@ def member_oof_scores(name: str, x: np.ndarray | Sequence[np.ndarray], y: np.nda
     spec = MEMBERS[name]
     if spec.kind == "set":
         return make_set_svm(spec.feature_set).oof_decisions(list(x), y, folds)
-    columns = feature_columns(spec.feature_set) if spec.kind == "features" else None
+    columns = _summary_columns(spec)
     xs = _member_matrix(np.asarray(x), columns)
     out = np.full(len(y), np.nan)
     for tr, te in folds:
