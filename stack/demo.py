@@ -9,9 +9,11 @@ Steps (the stack is already up: ``make demo`` runs ``python -m stack up`` first)
 2. the model: reuses ``artifacts/model`` when it exists, trains it otherwise;
 3. starts the model server and the pipeline (``run.py``), waits until ready;
 4. replays the recordings over MQTT as insole devices;
-5. waits until every recording has its diagnosis in MongoDB, then prints the
-   summary: recordings, diagnoses, the recording-level confusion matrix against
-   the true labels, timings and the dashboard's URL;
+5. waits until every recording has a diagnosis written by this run in MongoDB
+   (on a stack that kept an earlier run's data, the recordings are diagnosed
+   again and their documents replaced; the earlier ones are not counted), then
+   prints the summary: recordings, diagnoses, the recording-level confusion
+   matrix against the true labels, timings and the dashboard's URL;
 6. keeps running until Ctrl-C (``--once``: stops after the summary).
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from datetime import UTC, datetime
 from pathlib import Path
 
 from .config import ROOT
@@ -87,17 +90,32 @@ async def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path,
     raise SystemExit(f"error: {url} not ready after {timeout:.0f} s (log: {log})")
 
 
-async def wait_diagnoses(mongo_url: str, db: str, coll: str, expected: set[str],
-                         timeout: float) -> dict[str, dict]:
+async def earlier_diagnoses(mongo_url: str, db: str, coll: str, expected: set[str]) -> int:
+    """How many of ``expected`` already have a diagnosis (from an earlier run)."""
     from pymongo import AsyncMongoClient
 
     client = AsyncMongoClient(mongo_url)
     try:
+        return await client[db][coll].count_documents({"_id": {"$in": sorted(expected)}})
+    finally:
+        await client.close()
+
+
+async def wait_diagnoses(mongo_url: str, db: str, coll: str, expected: set[str],
+                         timeout: float, since: datetime) -> dict[str, dict]:
+    """Wait until every recording of ``expected`` has a diagnosis written at or after
+    ``since`` (this run's: an earlier run's documents are replaced, not counted)."""
+    from pymongo import AsyncMongoClient
+
+    since = since.replace(microsecond=since.microsecond // 1000 * 1000)  # BSON dates: ms
+    client = AsyncMongoClient(mongo_url, tz_aware=True)
+    try:
         deadline = time.monotonic() + timeout
         found: dict[str, dict] = {}
         last = -1
+        query = {"_id": {"$in": sorted(expected)}, "diagnosed_at": {"$gte": since}}
         while time.monotonic() < deadline:
-            docs = await client[db][coll].find({"_id": {"$in": sorted(expected)}}).to_list()
+            docs = await client[db][coll].find(query).to_list()
             found = {d["_id"]: d for d in docs}
             if len(found) != last:
                 last = len(found)
@@ -178,6 +196,12 @@ async def main_async(args: argparse.Namespace) -> int:
     ensure_model(data, model_dir)
     timings["model"] = time.monotonic() - t
 
+    mongo_url = str(handler_setting(doc, "mongo_sink", "url", "mongodb://127.0.0.1:27017"))
+    db = str(handler_setting(doc, "mongo_sink", "database", "gaitflow"))
+    coll = str(handler_setting(doc, "mongo_sink", "collection", "diagnoses"))
+    earlier = await earlier_diagnoses(mongo_url, db, coll, expected)
+    started = datetime.now(UTC)
+
     step("starting the model server and the pipeline")
     t = time.monotonic()
     server = spawn([PY, "-m", "ml.serve", "--model", str(model_dir), "--host", "127.0.0.1",
@@ -202,19 +226,19 @@ async def main_async(args: argparse.Namespace) -> int:
         timings["replay"] = time.monotonic() - t
 
         step("waiting for every recording's diagnosis")
+        if earlier:
+            print(f"{earlier} of these recordings have a diagnosis from an earlier run; "
+                  "this run's replaces it (only this run's are counted)")
         t = time.monotonic()
-        mongo_url = handler_setting(doc, "mongo_sink", "url", "mongodb://127.0.0.1:27017")
-        db = handler_setting(doc, "mongo_sink", "database", "gaitflow")
-        coll = handler_setting(doc, "mongo_sink", "collection", "diagnoses")
-        found = await wait_diagnoses(str(mongo_url), str(db), str(coll), expected,
-                                     timeout=args.timeout)
+        found = await wait_diagnoses(mongo_url, db, coll, expected, timeout=args.timeout,
+                                     since=started)
         timings["diagnose"] = time.monotonic() - t
         timings["total"] = time.monotonic() - t0
 
         step("summary")
         rows = sum(int(d.get("n_windows", 0)) for d in found.values())
         print(f"recordings replayed     {len(expected)}")
-        print(f"diagnoses in MongoDB    {len(found)}  (windows scored: {rows})")
+        print(f"diagnoses in MongoDB    {len(found)} written by this run  (windows scored: {rows})")
         missing = sorted(expected - set(found))
         if missing:
             print(f"MISSING diagnoses       {', '.join(missing[:10])}"
