@@ -136,13 +136,19 @@ def confusion(found: dict[str, dict]) -> str:
         cells[(truth, doc["label"])] += 1
     tp, tn = cells[("parkinson", "parkinson")], cells[("control", "control")]
     fn, fp = cells[("parkinson", "control")], cells[("control", "parkinson")]
-    sens = tp / (tp + fn) if tp + fn else float("nan")
-    spec = tn / (tn + fp) if tn + fp else float("nan")
+    sens = tp / (tp + fn) if tp + fn else None
+    spec = tn / (tn + fp) if tn + fp else None
+    bal = (sens + spec) / 2 if sens is not None and spec is not None else None
+
+    def fmt(v: float | None, why: str) -> str:
+        return f"{v:.3f}" if v is not None else f"– ({why})"
+
     return (f"                    predicted control  predicted parkinson\n"
             f"  true control      {tn:>17}  {fp:>19}\n"
             f"  true parkinson    {fn:>17}  {tp:>19}\n"
-            f"  sensitivity {sens:.3f}  specificity {spec:.3f}  "
-            f"balanced accuracy {(sens + spec) / 2:.3f}")
+            f"  sensitivity {fmt(sens, 'no parkinson recording')}  "
+            f"specificity {fmt(spec, 'no control recording')}  "
+            f"balanced accuracy {fmt(bal, 'needs both')}")
 
 
 def honest_figures(model_dir: Path, versions: list[str]) -> str:
@@ -206,12 +212,12 @@ async def main_async(args: argparse.Namespace) -> int:
     t = time.monotonic()
     server = spawn([PY, "-m", "ml.serve", "--model", str(model_dir), "--host", "127.0.0.1",
                     "--port", str(args.model_port)], logs / "model-server.log")
-    procs = [server]
+    procs = [("model server", server)]
     try:
         await wait_http(f"http://127.0.0.1:{args.model_port}/healthz", server,
                         logs / "model-server.log")
         pipeline = spawn([PY, "run.py", "--settings", str(settings)], logs / "pipeline.log")
-        procs.append(pipeline)
+        procs.append(("pipeline", pipeline))
         await wait_http(f"http://127.0.0.1:{admin_port}/readyz", pipeline, logs / "pipeline.log")
         timings["start"] = time.monotonic() - t
         print(f"model server :{args.model_port}, pipeline admin :{admin_port} (logs in {logs})")
@@ -262,12 +268,19 @@ async def main_async(args: argparse.Namespace) -> int:
         await stop.wait()
         return 0
     finally:
-        for p in reversed(procs):
+        # the pipeline drains in-flight work for up to drain_timeout, then closes
+        # its handlers: give it that and a margin before killing it
+        from pipeline.config import RuntimeSettings
+
+        runtime = doc.get("runtime", {})
+        grace = float(runtime.get("drain_timeout", RuntimeSettings.drain_timeout)) + 30.0
+        for name, p in reversed(procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
                 try:
-                    p.wait(timeout=60)
+                    p.wait(timeout=grace)
                 except subprocess.TimeoutExpired:
+                    print(f"\nthe {name} did not stop within {grace:.0f} s: killed", flush=True)
                     p.kill()
 
 

@@ -14,6 +14,9 @@ def test_confusion_matrix_from_file_names() -> None:
     assert text.splitlines()[1].split()[-2:] == ["1", "1"]   # control: 1 right, 1 wrong
     assert text.splitlines()[2].split()[-2:] == ["1", "1"]
     assert "sensitivity 0.500  specificity 0.500  balanced accuracy 0.500" in text
+    controls_only = confusion({"GaCo01_01": {"label": "control"}})
+    assert controls_only.endswith("sensitivity – (no parkinson recording)  specificity 1.000  "
+                                  "balanced accuracy – (needs both)")
 
 
 def test_the_in_sample_matrix_points_at_the_cross_validation(tmp_path: Path) -> None:
