@@ -55,6 +55,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from stack.progress import ProgressLine
+
 MAX_SAMPLES_PER_RECORDING = 6000
 
 
@@ -158,16 +160,12 @@ class Progress:
     def __init__(self, label: str, total: int) -> None:
         self.label, self.total = label, total
         self.t0 = time.monotonic()
-        self.last = 0.0
+        self.line = ProgressLine(sys.stderr, tty_every=1.0)
 
     def show(self, done: int, final: bool = False) -> None:
-        now = time.monotonic()
-        if final or now - self.last >= 1.0:
-            self.last = now
-            rate = done / max(now - self.t0, 1e-9)
-            sys.stderr.write(f"\r  {self.label}: {done:,}/{self.total:,} messages "
-                             f"({rate:,.0f}/s)   " + ("\n" if final else ""))
-            sys.stderr.flush()
+        rate = done / max(time.monotonic() - self.t0, 1e-9)
+        self.line.update(f"  {self.label}: {done:,}/{self.total:,} messages ({rate:,.0f}/s)",
+                         final=final)  # fmt: skip
 
 
 async def wait_for(started: Callable[[], bool], count: Callable[[], int], total: int,

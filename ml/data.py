@@ -331,7 +331,11 @@ def _http_get(url: str, timeout: float = 30.0) -> bytes:
 
 
 def _default_progress(done: int, total: int, name: str) -> None:
-    print(f"\r[{done}/{total}] {name:<24}", end="" if done < total else "\n", file=sys.stderr)
+    """One line redrawn on a terminal; in a log (no terminal), a line every 25 files."""
+    if sys.stderr.isatty():
+        print(f"\r[{done}/{total}] {name:<24}", end="" if done < total else "\n", file=sys.stderr)
+    elif done % 25 == 0 or done == total:
+        print(f"[{done}/{total}] {name}", file=sys.stderr)
 
 
 def download(

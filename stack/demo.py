@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .config import ROOT
+from .progress import ProgressLine
 
 PY = sys.executable
 
@@ -110,20 +111,24 @@ async def wait_diagnoses(mongo_url: str, db: str, coll: str, expected: set[str],
     since = since.replace(microsecond=since.microsecond // 1000 * 1000)  # BSON dates: ms
     client = AsyncMongoClient(mongo_url, tz_aware=True)
     try:
-        deadline = time.monotonic() + timeout
+        t0 = time.monotonic()
+        deadline = t0 + timeout
         found: dict[str, dict] = {}
-        last = -1
+        line = ProgressLine(sys.stdout)
         query = {"_id": {"$in": sorted(expected)}, "diagnosed_at": {"$gte": since}}
+
+        def text() -> str:
+            return (f"diagnoses written: {len(found)}/{len(expected)} "
+                    f"({time.monotonic() - t0:.0f} s)")
+
         while time.monotonic() < deadline:
             docs = await client[db][coll].find(query).to_list()
             found = {d["_id"]: d for d in docs}
-            if len(found) != last:
-                last = len(found)
-                print(f"\rdiagnoses written: {len(found)}/{len(expected)}", end="", flush=True)
             if len(found) >= len(expected):
                 break
+            line.update(text())
             await asyncio.sleep(1.0)
-        print()
+        line.update(text(), final=True)
         return found
     finally:
         await client.close()

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .progress import ProgressLine
+
 COLUMNS = ["time", *(f"L{i}" for i in range(1, 9)), *(f"R{i}" for i in range(1, 9)), "L", "R"]
 SAMPLE_HZ = 100
 
@@ -108,29 +110,29 @@ def apply_faults(msgs: list[tuple[float, bytes]], opts: ReplayOptions,
 
 
 class Progress:
-    """A one-line progress bar on stderr (messages and rows sent)."""
+    """A progress bar on stderr (messages and rows sent): one line redrawn on a
+    terminal, a line every 10 s in a log (:class:`stack.progress.ProgressLine`)."""
 
     def __init__(self, total_msgs: int, total_rows: int) -> None:
         self.total_msgs, self.total_rows = total_msgs, total_rows
         self.msgs = self.rows = 0
         self.t0 = time.monotonic()
-        self._last = 0.0
+        self.line = ProgressLine(sys.stderr)
 
     def add(self, rows: int) -> None:
         self.msgs += 1
         self.rows += rows
-        now = time.monotonic()
-        if now - self._last > 0.5 or self.msgs == self.total_msgs:
-            self._last = now
-            self.draw()
+        self.line.update(self.text())
 
-    def draw(self, end: str = "") -> None:
+    def text(self) -> str:
         frac = self.msgs / self.total_msgs if self.total_msgs else 1.0
         bar = "#" * int(frac * 30)
         dt = max(time.monotonic() - self.t0, 1e-9)
-        sys.stderr.write(f"\r[{bar:<30}] {self.msgs}/{self.total_msgs} msgs "
-                         f"{self.rows} rows {self.rows / dt:,.0f} rows/s{end}")
-        sys.stderr.flush()
+        return (f"[{bar:<30}] {self.msgs}/{self.total_msgs} msgs "
+                f"{self.rows} rows {self.rows / dt:,.0f} rows/s")
+
+    def finish(self) -> None:
+        self.line.update(self.text(), final=True)
 
 
 async def replay(recordings: dict[str, np.ndarray], opts: ReplayOptions,
@@ -178,7 +180,7 @@ async def replay(recordings: dict[str, np.ndarray], opts: ReplayOptions,
             for rec in plans:
                 tg.create_task(device(rec))
     if show_progress:
-        progress.draw(end="\n")
+        progress.finish()
     return sent
 
 
