@@ -86,6 +86,7 @@ DEFAULT_MAPPINGS: dict[str, Any] = {
         "recording": {"type": "keyword"},
         "probability": {"type": "float"},
         "label": {"type": "keyword"},
+        "threshold": {"type": "float"},
         "model_version": {"type": "keyword"},
         "n_windows": {"type": "integer"},
         "window_probabilities": {"type": "float"},

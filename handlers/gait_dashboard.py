@@ -20,7 +20,8 @@ token when one is set, see ``pipeline/dashboard``):
 ``/recordings/<id>``
     One recording: L and R total force over time (mean with a min–max band per
     pixel column, so steps keep their peaks), a per-sensor heatmap (L1..L8, R1..R8),
-    and the per-window probabilities of its diagnosis against the 0.5 threshold.
+    and the per-window probabilities of its diagnosis against the model's decision
+    threshold (the diagnosis' ``threshold``; 0.5 for diagnoses written without one).
     The id must match ``[A-Za-z0-9_.-]{1,64}`` without ``..`` (else 404).
 
 JSON API (behind the admin token):

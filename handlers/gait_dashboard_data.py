@@ -39,7 +39,8 @@ SORTS = {"recording": [{"recording": "asc"}],
          "-probability": [{"probability": "desc"}, {"recording": "asc"}],
          "probability": [{"probability": "asc"}, {"recording": "asc"}],
          "-diagnosed_at": [{"diagnosed_at": "desc"}, {"recording": "asc"}]}
-ROW_FIELDS = ["recording", "probability", "label", "model_version", "n_windows", "diagnosed_at"]
+ROW_FIELDS = ["recording", "probability", "label", "threshold", "model_version", "n_windows",
+              "diagnosed_at"]
 MAX_SIZE = 1000
 
 

@@ -27,7 +27,7 @@ Settings (``[handlers.<name>]``)
     ``max_in_flight``     requests in flight at once (default 4)
     ``request_timeout``   seconds per request, connection included (default 30)
     ``connect_timeout``   seconds to connect (default 5)
-    ``retry_policy``      retries of 5xx, 408, 429, timeouts and connection errors
+    ``retry_policy``      retries of 5xx, 408, 425, 429, timeouts and connection errors
                           (default 4 attempts, 0.2 s doubling to 5 s, jittered)
     ``breaker_failures``  consecutive failed attempts that open the circuit (default 5)
     ``breaker_cooldown``  seconds the circuit stays open before a probe (default 10)
@@ -41,7 +41,7 @@ Behaviour and guarantees
       and coalesced; each input batch is committed only once its own diagnoses are
       emitted (``process`` awaits them).
     * **Bounded concurrency**: at most ``max_in_flight`` requests at once.
-    * **Retries** with exponential backoff and jitter for 5xx, 408, 429, timeouts and
+    * **Retries** with exponential backoff and jitter for 5xx, 408, 425, 429, timeouts and
       connection errors; then the rows go back to the runtime (its ``retry``, then
       dead letter with the reason). Rows diagnosed meanwhile are emitted.
     * **Circuit breaker.** ``breaker_failures`` consecutive failed attempts open it:
@@ -87,6 +87,7 @@ DIAGNOSIS_SCHEMA = pa.schema([
     pa.field("recording", pa.string(), nullable=False),
     pa.field("probability", pa.float64()),
     pa.field("label", pa.string()),
+    pa.field("threshold", pa.float64()),  # the model's: label = parkinson iff probability >= it
     pa.field("model_version", pa.string()),
     pa.field("n_windows", pa.int64()),
     pa.field("window_probabilities", pa.list_(pa.float64())),
@@ -142,7 +143,7 @@ class ModelCallSettings:
     connect_timeout: float = setting(5.0, doc="seconds to connect", min=0.01)
     retry_policy: RetryPolicy = setting(
         RetryPolicy(max_attempts=4, backoff=0.2, max_backoff=5.0),
-        doc="retries of 5xx, 408, 429, timeouts and connection errors")
+        doc="retries of 5xx, 408, 425, 429, timeouts and connection errors")
     breaker_failures: int = setting(5, doc="consecutive failures that open the circuit", min=1)
     breaker_cooldown: float = setting(10.0, doc="seconds the circuit stays open", min=0.01)
     check_at_start: bool = setting(True, doc="reach GET /v1/models at start, else fail")
@@ -638,6 +639,7 @@ class ModelCall(Processor):
             cols["recording"].append(job.recording)
             cols["probability"].append(_float(result.get("probability")))
             cols["label"].append(result.get("label"))
+            cols["threshold"].append(_float(result.get("threshold")))
             cols["model_version"].append(version)
             cols["n_windows"].append(len(job.keys))
             cols["window_probabilities"].append(_window_probabilities(job.keys,

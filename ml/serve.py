@@ -11,8 +11,11 @@ HTTP API (JSON; errors are ``{"error": {"code", "message", "field"?}}`` with a 4
     ``ml.features.features_frame`` computes them. Answer::
 
         {"model_version": "...", "results": [{"id": "r1", "probability": 0.91,
-          "label": "parkinson", "n_windows": 23,
+          "label": "parkinson", "threshold": 0.705, "n_windows": 23,
           "windows": [{"key": "r1:0", "start": 0, "probability": 0.88}, ...]}]}
+
+    ``label`` is ``parkinson`` when ``probability`` reaches the model's decision
+    ``threshold`` (its training prevalence; a window is read against the same one).
 
     Feature windows are scored by the model's feature members only (a rocket member
     needs raw samples); ``GET /v1/models`` says which inputs a model takes.
@@ -140,7 +143,7 @@ def _predict_chunk(path: str, items: list[PredictItem]) -> list[dict[str, Any]]:
             ]
         out.append({
             "id": it.id, "probability": float(pred.probability), "label": pred.label,
-            "n_windows": len(windows), "windows": windows,
+            "threshold": float(model.threshold), "n_windows": len(windows), "windows": windows,
         })  # fmt: skip
     return out
 

@@ -72,11 +72,16 @@
     return isNaN(d) ? String(iso) : d.toISOString().replace("T", " ").slice(0, 19);
   }
 
-  function probCell(p) {
-    const fill = el("span", { class: "pbar-fill " + (p >= 0.5 ? "parkinson" : "control") });
+  // a bar coloured against the model's decision threshold, marked on the bar
+  // (0.5 for diagnoses written without one)
+  function probCell(p, threshold) {
+    const thr = typeof threshold === "number" ? threshold : 0.5;
+    const fill = el("span", { class: "pbar-fill " + (p >= thr ? "parkinson" : "control") });
     fill.style.width = (100 * p).toFixed(1) + "%";
+    const mark = el("span", { class: "pmark", title: "decision threshold " + thr.toFixed(3) });
+    mark.style.left = (100 * thr).toFixed(1) + "%";
     return el("td", {}, el("div", { class: "pcell" },
-      el("span", { class: "pbar" }, fill, el("span", { class: "pmark" })),
+      el("span", { class: "pbar" }, fill, mark),
       el("span", { class: "num pnum" }, p === null || p === undefined ? "–" : p.toFixed(3))));
   }
 
@@ -89,7 +94,7 @@
         el("td", {}, STUDY[r.study] || "–"),
         el("td", {}, badge(r.truth, "outline")),
         el("td", {}, badge(r.label)),
-        probCell(r.probability),
+        probCell(r.probability, r.threshold),
         el("td", { class: r.correct === false ? "wrong" : "right", title: r.correct === null ? "" :
           r.correct ? "prediction matches the true label" : "prediction differs from the true label" },
           r.correct === null ? "" : r.correct ? "✓" : "✗"),

@@ -14,6 +14,11 @@
       el("div", { class: "card-value" }, value), el("div", { class: "card-sub" }, sub || ""));
   }
 
+  // the model's decision threshold, sent with each diagnosis (0.5 for older ones)
+  function threshold(d) {
+    return d && typeof d.threshold === "number" ? d.threshold : 0.5;
+  }
+
   function drawFacts() {
     const box = clear(document.getElementById("facts"));
     const d = diagnosis;
@@ -26,7 +31,7 @@
       box.append(
         fact("diagnosis", d.label, right === null ? "" : right ? "matches the true label" : "differs from the true label",
           right === null ? "" : right ? "ok" : "bad"),
-        fact("P(parkinson)", d.probability.toFixed(3), "decision threshold 0.5"),
+        fact("P(parkinson)", d.probability.toFixed(3), "decision threshold " + threshold(d).toFixed(3)),
         fact("model", d.model_version || "–", `${int(d.n_windows)} windows`),
         fact("diagnosed at", d.diagnosed_at ? new Date(d.diagnosed_at).toISOString().slice(11, 19) : "–",
           d.diagnosed_at ? new Date(d.diagnosed_at).toISOString().slice(0, 10) + " UTC" : ""));
@@ -71,26 +76,30 @@
     const bw = pw / probs.length;
     const root = svg("svg", { width: W, height: H, viewBox: `0 0 ${W} ${H}`, class: "windows-svg",
       role: "img", "aria-label": "probability of parkinson per window" });
+    const thr = threshold(diagnosis);
     for (const v of [0, 0.25, 0.5, 0.75, 1]) {
       const y = m.t + ph * (1 - v);
-      root.append(svg("line", { x1: m.l, x2: W - m.r, y1: y, y2: y, class: v === 0.5 ? "threshold" : "gridline" }),
+      root.append(svg("line", { x1: m.l, x2: W - m.r, y1: y, y2: y, class: "gridline" }),
         svg("text", { x: m.l - 6, y: y + 4, class: "tick", "text-anchor": "end" }, v.toFixed(2)));
     }
     probs.forEach((p, i) => {
       const y = m.t + ph * (1 - p);
       root.append(svg("rect", { x: m.l + i * bw + Math.min(1, bw * 0.1), y, width: Math.max(1, bw - Math.min(2, bw * 0.2)),
-        height: Math.max(0.5, m.t + ph - y), class: "wbar " + (p >= 0.5 ? "parkinson" : "control"),
+        height: Math.max(0.5, m.t + ph - y), class: "wbar " + (p >= thr ? "parkinson" : "control"),
         dataset: { window: i, p: p.toFixed(4) } }, svg("title", {}, `window ${i}: ${p.toFixed(3)}`)));
     });
     const step = Math.max(1, Math.ceil(probs.length / Math.floor(pw / 40)));
     for (let i = 0; i < probs.length; i += step) {
       root.append(svg("text", { x: m.l + (i + 0.5) * bw, y: H - m.b + 16, class: "tick", "text-anchor": "middle" }, String(i)));
     }
+    const ty = m.t + ph * (1 - thr);  // drawn over the bars
+    root.append(svg("line", { x1: m.l, x2: W - m.r, y1: ty, y2: ty, class: "threshold", dataset: { threshold: thr } }));
     root.append(svg("text", { x: W - m.r, y: H - 4, class: "tick", "text-anchor": "end" }, "window"));
     box.append(root);
-    const above = probs.filter((p) => p >= 0.5).length;
+    const above = probs.filter((p) => p >= thr).length;
     document.getElementById("windows-hint").textContent =
-      `${probs.length} windows · ${above} at or above 0.5 · recording probability ${diagnosis.probability.toFixed(3)}`;
+      `${probs.length} windows · ${above} at or above the threshold ${thr.toFixed(3)} · ` +
+      `recording probability ${diagnosis.probability.toFixed(3)}`;
   }
 
   function signalsUrl() {

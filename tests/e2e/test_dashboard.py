@@ -235,6 +235,11 @@ DIAGNOSES = [  # recording, probability, model version
 ]
 
 
+#: the decision threshold each model version sends with its diagnoses (labels above
+#: are the same at 0.45 and at 0.5, so the list's figures do not depend on it)
+THRESHOLDS = {"rocket-1.1": 0.45}
+
+
 def window_probabilities(recording: str, p: float, n: int = 23) -> list[float]:
     rng = np.random.default_rng(sum(map(ord, recording)))
     return np.clip(p + rng.normal(0, 0.12, n), 0.0, 1.0).round(4).tolist()
@@ -252,10 +257,14 @@ async def es_index() -> AsyncIterator[tuple[str, str]]:
         t0 = datetime(2026, 12, 4, 9, 0, tzinfo=UTC)
         for i, (rec, p, version) in enumerate(DIAGNOSES):
             probs = window_probabilities(rec, p)
-            await es.index(index=index, id=rec, document={
-                "recording": rec, "probability": p, "label": "parkinson" if p >= 0.5 else "control",
-                "model_version": version, "n_windows": len(probs), "window_probabilities": probs,
-                "diagnosed_at": (t0 + timedelta(minutes=i)).isoformat()})
+            thr = THRESHOLDS.get(version)
+            doc = {"recording": rec, "probability": p,
+                   "label": "parkinson" if p >= (thr or 0.5) else "control",
+                   "model_version": version, "n_windows": len(probs), "window_probabilities": probs,
+                   "diagnosed_at": (t0 + timedelta(minutes=i)).isoformat()}
+            if thr is not None:  # rocket-1.0's diagnoses predate the threshold field
+                doc["threshold"] = thr
+            await es.index(index=index, id=rec, document=doc)
         await es.indices.refresh(index=index)
         yield url, index
     finally:
@@ -430,6 +439,42 @@ async def test_recording_page_plots_signals_and_window_probabilities(
         await browser.wait_for("document.body.dataset.loaded === 'true'")
         assert "no samples of SiCo04_01" in await browser.text("#force-msg")
         assert await browser.count("#windows svg rect.wbar") == 23
+        assert browser.console_errors == [], browser.console_errors
+
+
+@pytest.mark.usefixtures("gait_env")
+async def test_probabilities_are_read_against_the_models_threshold(
+        browser: Browser, tmp_path: Path) -> None:
+    doc = pipeline_doc(tmp_path, extensions=["handlers.gait_dashboard:setup"])
+    async with Runtime.from_dict(doc) as rt:
+        # rocket-1.1 sends 0.45: its windows are coloured and counted against 0.45
+        await browser.goto(f"{rt.admin_url}/recordings/GaCo02_01")
+        await browser.wait_for("document.body.dataset.loaded === 'true'", timeout=20)
+        assert "decision threshold 0.450" in await browser.text("#facts")
+        line = await browser.eval("+document.querySelector('#windows svg line.threshold')"
+                                  ".dataset.threshold")
+        assert line == pytest.approx(0.45)
+        bars = await browser.eval("[...document.querySelectorAll('#windows svg rect.wbar')]"
+                                  ".map(r => [+r.dataset.p, r.classList.contains('parkinson')])")
+        probs = window_probabilities("GaCo02_01", 0.41)
+        assert [b[0] for b in bars] == pytest.approx(probs, abs=1e-4)
+        assert any(0.45 <= q < 0.5 for q in probs)  # the case a 0.5 threshold gets wrong
+        assert [b[1] for b in bars] == [q >= 0.45 for q in probs]
+        above = sum(q >= 0.45 for q in probs)
+        assert f"{above} at or above the threshold 0.450" in await browser.text("#windows-hint")
+        # rocket-1.0's diagnoses carry no threshold: 0.5, said as such
+        await browser.goto(f"{rt.admin_url}/recordings/SiPt07_01")
+        await browser.wait_for("document.body.dataset.loaded === 'true'", timeout=20)
+        assert "decision threshold 0.500" in await browser.text("#facts")
+        # the list marks each row's threshold on its probability bar
+        await browser.goto(f"{rt.admin_url}/diagnoses")
+        await browser.wait_for("document.body.dataset.loaded === 'true' && "
+                               "document.querySelectorAll('#diagnoses tbody tr').length > 0",
+                               timeout=15)  # fmt: skip
+        marks = await browser.eval(
+            "Object.fromEntries([...document.querySelectorAll('#diagnoses tbody tr')].map("
+            "tr => [tr.dataset.recording, tr.querySelector('.pmark').style.left]))")
+        assert marks["GaCo02_01"] == "45%" and marks["SiPt07_01"] == "50%", marks
         assert browser.console_errors == [], browser.console_errors
 
 

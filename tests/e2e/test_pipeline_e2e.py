@@ -147,9 +147,15 @@ async def test_replayed_recordings_reach_every_store_exactly_once(model_dir: Pat
         # diagnoses: exactly one per recording, in both stores, same model version
         es = await es_diagnoses(names.es_index)
         assert sorted(es) == sorted(RECORDINGS)
+        from ml.artifact import load_model
+
+        threshold = load_model(model_dir).model.threshold
         for rec in RECORDINGS:
-            assert found[rec]["label"] in ("parkinson", "control")
-            assert 0.0 <= found[rec]["probability"] <= 1.0
+            d = found[rec]
+            assert 0.0 <= d["probability"] <= 1.0
+            assert d["threshold"] == pytest.approx(threshold)  # the model's, not 0.5
+            assert d["label"] == ("parkinson" if d["probability"] >= threshold else "control")
+            assert es[rec]["threshold"] == pytest.approx(threshold)
             assert es[rec]["model_version"] == found[rec]["model_version"]
             assert es[rec]["probability"] == pytest.approx(found[rec]["probability"])
 

@@ -98,6 +98,9 @@ async def test_predict_raw_rows(make_client: ClientFactory) -> None:
     assert [r["id"] for r in out["results"]] == ["a", "b"]
     a, b = out["results"]
     assert 0.0 <= a["probability"] <= 1.0 and a["label"] in {"parkinson", "control"}
+    for r in (a, b):  # the label is the probability read against the model's threshold
+        assert 0.0 < r["threshold"] < 1.0
+        assert r["label"] == ("parkinson" if r["probability"] >= r["threshold"] else "control")
     assert a["n_windows"] == 1 and b["n_windows"] == 2
     assert [w["key"] for w in b["windows"]] == ["b:0", "b:1"]
     assert [w["start"] for w in b["windows"]] == [0, 500]

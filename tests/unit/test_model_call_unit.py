@@ -111,8 +111,8 @@ class FakeModel:
             for rec in body["recordings"]:
                 probs = [0.25 + 0.25 * (i % 3) for i, _ in enumerate(rec["windows"])]
                 p = sum(probs) / len(probs)
-                results.append({"id": rec["id"], "probability": p,
-                                "label": "parkinson" if p >= 0.5 else "control",
+                results.append({"id": rec["id"], "probability": p, "threshold": 0.45,
+                                "label": "parkinson" if p >= 0.45 else "control",
                                 "windows": [{"key": w["key"], "probability": q}
                                             for w, q in zip(rec["windows"], probs, strict=True)]})
             return web.json_response({"model_version": self.version, "results": results})
@@ -220,6 +220,7 @@ async def test_final_batches_are_diagnosed_with_the_model_version(server: FakeSe
     assert d["n_windows"] == 5
     assert d["window_probabilities"] == [0.25, 0.5, 0.75, 0.25, 0.5]
     assert d["label"] in ("parkinson", "control")
+    assert d["threshold"] == 0.45  # the model's, kept beside its label
     assert d["diagnosed_at"].tzinfo is not None
     out = rt.handlers["out"].batches[0]  # type: ignore[attr-defined]
     assert out.key == "recording"
