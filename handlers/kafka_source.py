@@ -23,6 +23,11 @@ Settings (``python run.py --describe kafka_source``):
     group membership timing.
 ``revoke_timeout``
     how long a rebalance waits for the revoked partitions' in-flight messages.
+``metadata_max_age_ms``
+    how often the cluster metadata is refreshed (default 10 s): a topic that does
+    not exist yet at the start (a processing tier started before its ingest tier)
+    is consumed within this time of its creation, and added partitions are picked
+    up as fast. Kafka clients default to 5 minutes.
 
 Acknowledgement
     Auto-commit is off. The runtime calls ``commit(tokens)`` in emission order
@@ -102,6 +107,9 @@ class KafkaSourceSettings(KafkaClientSettings):
     revoke_timeout: float = setting(
         10.0, doc="seconds a rebalance waits for in-flight messages of revoked partitions "
                   "to be committed", min=0)
+    metadata_max_age_ms: int = setting(
+        10000, doc="cluster metadata refresh period: a topic created after the start is "
+                   "consumed within it (Kafka's default, 300000, waits 5 min)", min=1000)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -207,7 +215,7 @@ class KafkaSource(Source):
             **client_options(s, self.name), group_id=s.group_id, enable_auto_commit=False,
             auto_offset_reset=s.auto_offset_reset, max_poll_records=s.max_poll_records,
             session_timeout_ms=s.session_timeout_ms, heartbeat_interval_ms=s.heartbeat_interval_ms,
-            max_poll_interval_ms=s.max_poll_interval_ms)
+            max_poll_interval_ms=s.max_poll_interval_ms, metadata_max_age_ms=s.metadata_max_age_ms)
         self._consumer = consumer
         try:
             await consumer.start()
@@ -218,7 +226,8 @@ class KafkaSource(Source):
         for topic in s.topics:
             if topic not in existing:
                 self.log.warning("kafka_source.topic_missing", topic=topic,
-                                 detail="consuming once it is created")
+                                 detail="consuming once it is created (metadata refreshed every "
+                                        f"{s.metadata_max_age_ms} ms)")
         consumer.subscribe(topics=list(s.topics), listener=_Listener(self))
 
     async def _watch_connection(self) -> None:

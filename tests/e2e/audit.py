@@ -46,6 +46,10 @@ class RunNames:
         return f"gaitflow.test.{self.run}.samples"
 
     @property
+    def segments_topic(self) -> str:
+        return f"gaitflow.test.{self.run}.segments"
+
+    @property
     def keyspace(self) -> str:
         return f"test_{self.run}"
 
@@ -74,6 +78,34 @@ class RunNames:
             f'handlers.diagnoses_es.index="{self.es_index}"',
             f'handlers.dead_letters.path="{dead_letters}"',
         ]
+
+    def split_overrides(self, *, admin_ports: tuple[int, int], model_url: str,
+                        dead_letters: str) -> tuple[list[str], list[str]]:  # fmt: skip
+        """``--set`` arguments pointing pipeline/examples/split's ingest and processing
+        tiers at this run's names."""
+        ingest = [
+            f"runtime.admin_port={admin_ports[0]}",
+            f'handlers.mqtt.topics=["{self.topic_prefix}/+"]',
+            f'handlers.mqtt.client_id="gaitflow-{self.run}"',
+            f'handlers.lake.root="{self.lake_root}"',
+            f'handlers.raw_kafka.topic="{self.kafka_topic}"',
+            f'handlers.segments_kafka.topic="{self.segments_topic}"',
+            f'handlers.dead_letters.path="{dead_letters}"',
+        ]
+        processing = [
+            f"runtime.admin_port={admin_ports[1]}",
+            'runtime.admin_extensions=[]',
+            f'handlers.segments.topics=["{self.segments_topic}"]',
+            f'handlers.segments.group_id="gaitflow-{self.run}"',
+            f'handlers.features.features_root="{self.features_root}"',
+            "handlers.features.max_wait=5.0",
+            f'handlers.feature_store.keyspace="{self.keyspace}"',
+            f'handlers.diagnose.url="{model_url}"',
+            f'handlers.diagnoses_mongo.database="{self.mongo_db}"',
+            f'handlers.diagnoses_es.index="{self.es_index}"',
+            f'handlers.dead_letters.path="{dead_letters}"',
+        ]
+        return ingest, processing
 
 
 async def lake_entries(fs: WebHdfs, root: str) -> AsyncIterator[FileStatus]:
@@ -229,7 +261,9 @@ async def cleanup(names: RunNames) -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers="127.0.0.1:9092")
         await admin.start()
         try:
-            await admin.delete_topics([names.kafka_topic])
+            for topic in (names.kafka_topic, names.segments_topic):  # each may be absent
+                with contextlib.suppress(Exception):
+                    await admin.delete_topics([topic])
         finally:
             await admin.close()
     with contextlib.suppress(Exception):

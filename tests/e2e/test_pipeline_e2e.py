@@ -100,32 +100,48 @@ def stop(proc: subprocess.Popen) -> int:
     return proc.returncode
 
 
-async def test_replayed_recordings_reach_every_store_exactly_once(model_dir: Path,
-                                                                  tmp_path: Path) -> None:
+@pytest.mark.parametrize("tiers", ["one process", "split at Kafka"])
+async def test_replayed_recordings_reach_every_store_exactly_once(model_dir: Path, tmp_path: Path,
+                                                                  tiers: str) -> None:
+    """settings.toml in one process, or pipeline/examples/split's ingest and processing
+    tiers as two processes joined by the segments topic: the same stores, exactly once."""
     from ml.data import list_recordings, load_recording
     from ml.features import COLUMNS, features_frame
     from stack.replay import ReplayOptions, replay
 
     names = RunNames(uuid.uuid4().hex[:10])
-    model_port, admin_port = free_port(), free_port()
+    model_port = free_port()
     logs = tmp_path / "logs"
     logs.mkdir()
     serve_log = (logs / "serve.log").open("wb")
-    pipeline_log = (logs / "pipeline.log").open("wb")
     server = subprocess.Popen(  # noqa: ASYNC220 - not waited on here
         [sys.executable, "-m", "ml.serve", "--model", str(model_dir), "--host", "127.0.0.1",
          "--port", str(model_port)], cwd=ROOT, stdout=serve_log, stderr=subprocess.STDOUT)
-    pipeline = None
+    procs: list[tuple[str, subprocess.Popen, Path]] = []  # (what, process, log)
     try:
         await wait_ready(f"http://127.0.0.1:{model_port}/healthz", server, "the model server")
-        sets = names.overrides(admin_port=admin_port, model_url=f"http://127.0.0.1:{model_port}",
-                               dead_letters=str(tmp_path / "dead.jsonl"))
-        argv = [sys.executable, "run.py", "--settings", "settings.toml"]
-        for s in sets:
-            argv += ["--set", s]
-        pipeline = subprocess.Popen(argv, cwd=ROOT,  # noqa: ASYNC220
-                                    stdout=pipeline_log, stderr=subprocess.STDOUT)
-        await wait_ready(f"http://127.0.0.1:{admin_port}/readyz", pipeline, "the pipeline")
+        model_url, dead = f"http://127.0.0.1:{model_port}", str(tmp_path / "dead.jsonl")
+        if tiers == "one process":
+            port = free_port()
+            runs = [("pipeline", "settings.toml", port,
+                     names.overrides(admin_port=port, model_url=model_url, dead_letters=dead))]
+        else:
+            ports = (free_port(), free_port())
+            sets = names.split_overrides(admin_ports=ports, model_url=model_url,
+                                         dead_letters=dead)  # fmt: skip
+            runs = [("processing tier", "pipeline/examples/split/processing.toml", ports[1],
+                     sets[1]),
+                    ("ingest tier", "pipeline/examples/split/ingest.toml", ports[0], sets[0])]
+        for what, settings, port, sets in runs:
+            argv = [sys.executable, "run.py", "--settings", settings]
+            for s in sets:
+                argv += ["--set", s]
+            log = logs / f"{what.replace(' ', '-')}.log"
+            with log.open("wb") as out:
+                proc = subprocess.Popen(argv, cwd=ROOT,  # noqa: ASYNC220
+                                        stdout=out, stderr=subprocess.STDOUT)
+            procs.append((what, proc, log))
+            await wait_ready(f"http://127.0.0.1:{port}/readyz", proc, what)
 
         table = list_recordings(data_dir())
         table = table[table["id"].isin(RECORDINGS)]
@@ -138,10 +154,11 @@ async def test_replayed_recordings_reach_every_store_exactly_once(model_dir: Pat
         found: dict = {}
         while time.monotonic() < deadline:
             found = await mongo_diagnoses(names.mongo_db)
-            if len(found) >= len(RECORDINGS) or pipeline.poll() is not None:
+            if len(found) >= len(RECORDINGS) or any(p.poll() is not None for _, p, _ in procs):
                 break
             await asyncio.sleep(2)
-        log_tail = (logs / "pipeline.log").read_text(errors="replace")[-3000:]
+        log_tail = "\n".join(f"--- {what}\n" + log.read_text(errors="replace")[-3000:]
+                             for what, _, log in procs)
         assert sorted(found) == sorted(RECORDINGS), f"diagnoses in MongoDB: {sorted(found)}\n{log_tail}"
 
         # diagnoses: exactly one per recording, in both stores, same model version
@@ -180,12 +197,11 @@ async def test_replayed_recordings_reach_every_store_exactly_once(model_dir: Pat
         dead = tmp_path / "dead.jsonl"
         assert not dead.exists() or dead.read_text() == ""
 
-        # SIGTERM drains and exits 0
-        assert stop(pipeline) == 0
+        # SIGTERM drains and exits 0 (the ingest tier first: sources before their consumers)
+        assert {what: stop(p) for what, p, _ in reversed(procs)} == {w: 0 for w, _, _ in procs}
     finally:
-        if pipeline is not None:
-            stop(pipeline)
+        for _, p, _ in reversed(procs):
+            stop(p)
         stop(server)
         serve_log.close()
-        pipeline_log.close()
         await cleanup(names)

@@ -186,6 +186,7 @@ async def test_messages_become_batches_and_offsets_commit_after_the_sink(
     consumer = cluster.consumers[0]
     assert consumer.kwargs["enable_auto_commit"] is False
     assert consumer.kwargs["auto_offset_reset"] == "earliest"
+    assert consumer.kwargs["metadata_max_age_ms"] == 10000  # a topic created later: seconds, not 5 min
     # committed offsets only ever grow, one past the last message handled
     for p in (P0, P1):
         seen = [c[p] for c in cluster.commit_log if p in c]

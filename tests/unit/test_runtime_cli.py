@@ -230,3 +230,11 @@ async def test_second_sigint_forces_exit(tmp_path: Path, subprocess_env: dict[st
     assert proc.returncode == 128 + signal.SIGINT, log
     assert elapsed < 5, "the second signal must not wait for the 120 s drain"
     assert "event=runtime.forced_exit signal=SIGINT" in log
+
+
+@pytest.mark.parametrize("settings", ["settings.toml", "pipeline/examples/split/ingest.toml",
+                                      "pipeline/examples/split/processing.toml"])
+def test_shipped_settings_files_check(settings: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The default pipeline and the split example stay valid (the e2e tests run them)."""
+    assert main(["--settings", str(ROOT / settings), "--check"]) == 0
+    assert capsys.readouterr().out.startswith(f"ok: {ROOT / settings}: ")
