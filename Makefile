@@ -9,7 +9,7 @@ ONCE    ?=
 GAITPDB_DIR ?= $(CURDIR)/.stack/data/gaitpdb
 export GAITPDB_DIR
 
-.PHONY: install venv up down status test unit reliability demo bench clean lint data
+.PHONY: install venv up down status test unit reliability demo clean lint data
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(VPY) || $(PY) -m venv $(VENV)

@@ -616,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="artifacts/model",
                     help="models directory (versions + LATEST) or one version directory")  # fmt: skip
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--port", type=int, default=8090,
+                    help="default 8090, model_call's default URL (8080 is the pipeline's admin port)")
     ap.add_argument("--token", default=None, help=f"bearer token (default ${ENV_TOKEN})")
     ap.add_argument("--workers", type=int, default=2, help="prediction worker processes")
     ap.add_argument("--threads", action="store_true", help="use threads instead of processes")
