@@ -40,6 +40,16 @@ LOG4J2 = """<?xml version="1.0" encoding="UTF-8"?>
 """
 
 
+def new_cluster_id() -> str:
+    """A random Kafka cluster id: a UUID in URL-safe base64, as ``kafka-storage
+    random-uuid`` makes it, and like Kafka never one starting with ``-`` (one in 64
+    does; the tools' argument parser would take it for an option)."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cid.startswith("-"):
+            return cid
+
+
 class Kafka(Service):
     name = "kafka"
     ready_timeout = 120.0
@@ -106,9 +116,9 @@ class Kafka(Service):
         """First start only: write meta.properties with a fresh cluster id."""
         if (self.data_dir / "meta.properties").exists():
             return
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        cluster_id = new_cluster_id()
         props = str(self.state / "config" / "server.properties")
-        r = subprocess.run(self._java("kafka.tools.StorageTool", "format", "-t", cluster_id,
+        r = subprocess.run(self._java("kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
                                       "-c", props, "--ignore-formatted"),
                            capture_output=True, text=True, timeout=120, check=False)
         if r.returncode != 0:

@@ -61,50 +61,41 @@ class RunNames:
     def es_index(self) -> str:
         return f"test-{self.run}-diagnoses"
 
-    def overrides(self, *, admin_port: int, model_url: str, dead_letters: str) -> list[str]:
-        """``--set`` arguments pointing settings.toml's pipeline at this run's names."""
+    def _ingest_sets(self) -> list[str]:
         return [
-            f"runtime.admin_port={admin_port}",
-            'runtime.admin_extensions=[]',
             f'handlers.mqtt.topics=["{self.topic_prefix}/+"]',
             f'handlers.mqtt.client_id="gaitflow-{self.run}"',
             f'handlers.lake.root="{self.lake_root}"',
             f'handlers.raw_kafka.topic="{self.kafka_topic}"',
+        ]
+
+    def _processing_sets(self, model_url: str) -> list[str]:
+        return [
             f'handlers.features.features_root="{self.features_root}"',
             "handlers.features.max_wait=5.0",
             f'handlers.feature_store.keyspace="{self.keyspace}"',
             f'handlers.diagnose.url="{model_url}"',
             f'handlers.diagnoses_mongo.database="{self.mongo_db}"',
             f'handlers.diagnoses_es.index="{self.es_index}"',
-            f'handlers.dead_letters.path="{dead_letters}"',
         ]
+
+    def overrides(self, *, admin_port: int, model_url: str, dead_letters: str) -> list[str]:
+        """``--set`` arguments pointing settings.toml's pipeline at this run's names."""
+        return [f"runtime.admin_port={admin_port}", "runtime.admin_extensions=[]",
+                *self._ingest_sets(), *self._processing_sets(model_url),
+                f'handlers.dead_letters.path="{dead_letters}"']  # fmt: skip
 
     def split_overrides(self, *, admin_ports: tuple[int, int], model_url: str,
                         dead_letters: str) -> tuple[list[str], list[str]]:  # fmt: skip
         """``--set`` arguments pointing pipeline/examples/split's ingest and processing
         tiers at this run's names."""
-        ingest = [
-            f"runtime.admin_port={admin_ports[0]}",
-            f'handlers.mqtt.topics=["{self.topic_prefix}/+"]',
-            f'handlers.mqtt.client_id="gaitflow-{self.run}"',
-            f'handlers.lake.root="{self.lake_root}"',
-            f'handlers.raw_kafka.topic="{self.kafka_topic}"',
-            f'handlers.segments_kafka.topic="{self.segments_topic}"',
-            f'handlers.dead_letters.path="{dead_letters}"',
-        ]
-        processing = [
-            f"runtime.admin_port={admin_ports[1]}",
-            'runtime.admin_extensions=[]',
-            f'handlers.segments.topics=["{self.segments_topic}"]',
-            f'handlers.segments.group_id="gaitflow-{self.run}"',
-            f'handlers.features.features_root="{self.features_root}"',
-            "handlers.features.max_wait=5.0",
-            f'handlers.feature_store.keyspace="{self.keyspace}"',
-            f'handlers.diagnose.url="{model_url}"',
-            f'handlers.diagnoses_mongo.database="{self.mongo_db}"',
-            f'handlers.diagnoses_es.index="{self.es_index}"',
-            f'handlers.dead_letters.path="{dead_letters}"',
-        ]
+        dead = f'handlers.dead_letters.path="{dead_letters}"'
+        ingest = [f"runtime.admin_port={admin_ports[0]}", *self._ingest_sets(),
+                  f'handlers.segments_kafka.topic="{self.segments_topic}"', dead]  # fmt: skip
+        processing = [f"runtime.admin_port={admin_ports[1]}", "runtime.admin_extensions=[]",
+                      f'handlers.segments.topics=["{self.segments_topic}"]',
+                      f'handlers.segments.group_id="gaitflow-{self.run}"',
+                      *self._processing_sets(model_url), dead]  # fmt: skip
         return ingest, processing
 
 
