@@ -31,6 +31,8 @@ import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pipeline.config import RuntimeSettings
+
 from .config import ROOT
 from .progress import ProgressLine
 
@@ -275,8 +277,6 @@ async def main_async(args: argparse.Namespace) -> int:
     finally:
         # the pipeline drains in-flight work for up to drain_timeout, then closes
         # its handlers: give it that and a margin before killing it
-        from pipeline.config import RuntimeSettings
-
         runtime = doc.get("runtime", {})
         grace = float(runtime.get("drain_timeout", RuntimeSettings.drain_timeout)) + 30.0
         for name, p in reversed(procs):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 __all__ = ["ProgressLine"]
@@ -25,12 +26,15 @@ class ProgressLine:
         self._last: float | None = None
         self._width = 0
 
-    def update(self, text: str, *, final: bool = False, force: bool = False) -> bool:
-        """Show ``text`` if it is time to (or ``final``/``force``); True when shown."""
+    def update(self, text: str | Callable[[], str], *, final: bool = False) -> bool:
+        """Show ``text`` if it is time to (always when ``final``); True when shown.
+        A callable is called only then, so a hot loop pays nothing between lines."""
         now = time.monotonic()
-        if not (final or force or self._last is None or now - self._last >= self.every):
+        if not (final or self._last is None or now - self._last >= self.every):
             return False
         self._last = now
+        if callable(text):
+            text = text()
         if self.tty:
             pad = " " * max(self._width - len(text), 0)  # wipe a longer previous line
             self.stream.write(f"\r{text}{pad}" + ("\n" if final else ""))

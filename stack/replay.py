@@ -122,7 +122,7 @@ class Progress:
     def add(self, rows: int) -> None:
         self.msgs += 1
         self.rows += rows
-        self.line.update(self.text())
+        self.line.update(self.text)  # formatted only when a line is due
 
     def text(self) -> str:
         frac = self.msgs / self.total_msgs if self.total_msgs else 1.0

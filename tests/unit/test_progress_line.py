@@ -35,6 +35,12 @@ def test_log_gets_whole_lines_throttled(monkeypatch: pytest.MonkeyPatch) -> None
     assert line.update("5/5", final=True)  # the last one always
     assert out.getvalue() == "1/5\n3/5\n5/5\n"
     assert "\r" not in out.getvalue()
+    calls: list[int] = []
+    clock[0] += 1.0  # not due: a callable text is not even formatted
+    assert not line.update(lambda: calls.append(1) or "6/5")
+    clock[0] += 10.0
+    assert line.update(lambda: calls.append(1) or "7/5") and calls == [1]
+    assert out.getvalue().endswith("5/5\n7/5\n")
 
 
 def test_replay_progress_in_a_log_ends_with_the_totals(monkeypatch: pytest.MonkeyPatch,
