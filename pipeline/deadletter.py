@@ -6,6 +6,7 @@ A dead-letter target is an ordinary sink instance; it receives batches with
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import math
 import time
@@ -15,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from .batch import Batch
-from .log import scrub
+from .log import error_text, scrub
 
 __all__ = ["DEAD_LETTER_SCHEMA", "dead_letter_records", "describe_error", "json_safe"]
 
@@ -35,13 +36,16 @@ DEAD_LETTER_SCHEMA = pa.schema([
 def describe_error(error: BaseException | None) -> str | None:
     if error is None:
         return None
-    return scrub(f"{type(error).__name__}: {error}")
+    return scrub(error_text(error))
 
 
 def json_safe(value: Any) -> Any:
-    """``value`` with NaN and infinities as strings, so ``json.dumps`` stays valid JSON."""
+    """``value`` with NaN and infinities as strings, so ``json.dumps`` stays valid JSON,
+    and times in ISO 8601 (``2026-12-05T07:22:58.431000+00:00``)."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -20,8 +20,10 @@ from .handler import (
     Processor,
     Reject,
     Sink,
+    call_output,
     current_parent,
 )
+from .log import error_text
 from .metrics import HandlerMetrics
 from .retry import RetryPolicy
 
@@ -33,8 +35,7 @@ class HandlerFailed(Exception):
 
     def __init__(self, handler: str, phase: str, cause: BaseException) -> None:
         self.handler, self.phase, self.cause = handler, phase, cause
-        super().__init__(f"handler {handler!r} failed in {phase}: "
-                         f"{type(cause).__name__}: {cause}")
+        super().__init__(f"handler {handler!r} failed in {phase}: {error_text(cause)}")
 
 
 class HandlerContext:
@@ -67,6 +68,7 @@ class HandlerContext:
         self._request_stop = request_stop
         self._is_stopping = is_stopping
         self.outputs_closed = False
+        self.active = 0  # batches being handled (process/write, retries included)
         self.log = handler.log
 
     @property
@@ -125,6 +127,9 @@ class HandlerContext:
         merged = {**(base.meta if base is not None else {}), **(meta or {})}
         batch = Batch(table, source=self.name, key=key, meta=types.MappingProxyType(merged),
                       created=base.created if base is not None else time.monotonic(), _ack=node)
+        produced = call_output.get()
+        if produced is not None:
+            produced[0] += 1
         await self._send(self.senders.get(output, ()), batch)
         self.metrics.out(output, table.num_rows)
 
@@ -132,6 +137,9 @@ class HandlerContext:
                           error: BaseException | None, attempts: int,
                           parents: Sequence[Batch | Deferred] | None, token: Any) -> None:
         node, parent, _ = self._lineage(parents, token)
+        produced = call_output.get()
+        if produced is not None:
+            produced[0] += 1
         if self.dead_letter_sender is None:
             problem = RuntimeError(f"handler {self.name!r} has no dead-letter target "
                                    f"(dead-lettering: {reason})")
@@ -143,7 +151,7 @@ class HandlerContext:
         batch = Batch(table, source=self.name, key="key", _ack=node,
                       created=parent.created if parent is not None else time.monotonic())
         self.log.warning("dead_letter", reason=reason, rows=table.num_rows, attempts=attempts,
-                         error=f"{type(error).__name__}: {error}" if error else None)
+                         error=error_text(error) if error else None)
         self.metrics.dead_letters.inc()
         self.metrics.dead_letter_rows.inc(table.num_rows)
         await self._send([self.dead_letter_sender], batch)
@@ -160,8 +168,8 @@ class HandlerContext:
     async def give_up(self, batch: Batch, error: BaseException, attempts: int,
                       reason: str | None = None) -> None:
         """The retry budget is spent: dead-letter the rows, or fail and stop."""
-        reason = reason or (f"{type(error).__name__}: {error}" if attempts <= 1 else
-                            f"failed after {attempts} attempts: {type(error).__name__}: {error}")
+        reason = reason or (error_text(error) if attempts <= 1 else
+                            f"failed after {attempts} attempts: {error_text(error)}")
         if self.on_failure == "dead_letter" and self.dead_letter_sender is not None:
             try:
                 await self.dead_letter(batch, reason, None, error, attempts, [batch], None)
@@ -190,6 +198,7 @@ class HandlerContext:
         self.metrics.rows_in.inc(batch.num_rows)
         node = batch._ack
         reset = current_parent.set((node, batch)) if node is not None else None
+        self.active += 1
         try:
             await self._attempts(batch)
         except BaseException as exc:
@@ -197,19 +206,34 @@ class HandlerContext:
                 node.fail(exc)
             raise
         finally:
+            self.active -= 1
             if reset is not None:
                 current_parent.reset(reset)
             if node is not None:
                 node.release()  # this delivery is finished
 
-    async def _call(self, batch: Batch) -> None:
+    async def _call(self, batch: Batch, produced: list[int]) -> None:
         handler = self.handler
         if isinstance(handler, Processor):
-            result = await handler.process(batch)
+            reset = call_output.set(produced)
+            try:
+                result = await handler.process(batch)
+            finally:
+                call_output.reset(reset)
             if result is not None:
                 await self.emit(result, "default", _INHERIT, None, None, None)
         else:
             await handler.write(batch)  # type: ignore[attr-defined]
+
+    def _unhandled_rest(self, pending: Batch, rows: list[int], produced: list[int]) -> Batch | None:
+        """The rows a processor's call left unhandled when it raised for ``rows``: the
+        others, if the call emitted, deferred and dead-lettered nothing (its return
+        value is lost when it raises)."""
+        if not isinstance(self.handler, Processor) or produced[0] or not rows:
+            return None
+        named = set(rows)
+        rest = [i for i in range(pending.num_rows) if i not in named]
+        return pending.take(rest) if rest else None
 
     async def _attempts(self, batch: Batch) -> None:
         policy, metrics = self.policy, self.metrics
@@ -217,26 +241,34 @@ class HandlerContext:
         while True:
             attempt += 1
             started = time.perf_counter()
+            produced = [0]
+            limit = asyncio.timeout(self.timeout)
             try:
-                if self.timeout is not None:
-                    async with asyncio.timeout(self.timeout):
-                        await self._call(pending)
-                else:
-                    await self._call(pending)
+                async with limit:
+                    await self._call(pending, produced)
                 metrics.latency.observe(time.perf_counter() - started)
                 return
             except Reject as exc:
                 metrics.latency.observe(time.perf_counter() - started)
                 rejected = pending if exc.rows is None else pending.take(exc.rows)
+                rest = None if exc.rows is None else self._unhandled_rest(pending, exc.rows, produced)
                 await self.give_up(rejected, exc, attempt, reason=exc.reason)
+                if rest is not None:
+                    await self._attempts(rest)
                 return
             except PartialFailure as exc:
                 error: BaseException = exc.cause
                 failed = pending.take(exc.rows)
+                rest = self._unhandled_rest(pending, exc.rows, produced)
+                if rest is not None:
+                    await self._attempts(rest)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure goes through the policy
                 error, failed = exc, pending
+                if isinstance(exc, TimeoutError) and limit.expired():
+                    call = "process" if isinstance(self.handler, Processor) else "write"
+                    error = TimeoutError(f"{call}() took longer than timeout = {self.timeout} s")
             metrics.errors.inc()
             metrics.latency.observe(time.perf_counter() - started)
             if attempt >= policy.max_attempts:
@@ -246,6 +278,6 @@ class HandlerContext:
             metrics.retries.inc()
             self.log.warning("retry", attempt=attempt, of=policy.max_attempts,
                              delay_s=round(pause, 3), rows=failed.num_rows,
-                             error=f"{type(error).__name__}: {error}")
+                             error=error_text(error))
             await asyncio.sleep(pause)
             pending = failed

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from .acks import AckNode
 from .batch import Batch, Data
-from .log import EventLogger, get_logger
+from .log import EventLogger, error_text, get_logger
 
 if TYPE_CHECKING:
     from .metrics import HandlerMetrics
@@ -46,6 +46,12 @@ __all__ = [
 current_parent: contextvars.ContextVar[tuple[AckNode, Batch | None] | None] = (
     contextvars.ContextVar("gaitflow_current_parent", default=None))
 
+# inside a processor's process() call: a one-item list counting the batches it emitted,
+# deferred and dead-lettered during the call (the runtime reads it when process() raises Reject or
+# PartialFailure for some rows: a call that produced nothing has not handled the rest)
+call_output: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "gaitflow_call_output", default=None)
+
 _INHERIT: Any = object()
 
 
@@ -53,7 +59,9 @@ class Reject(Exception):
     """Permanent failure: never retried; the rows go straight to dead letter.
 
     ``rows`` (positions in the batch) limits the rejection to those rows; the
-    others count as committed. Without ``rows`` the whole batch is rejected.
+    others count as committed. Without ``rows`` the whole batch is rejected. In a
+    processor whose call emitted, deferred and dead-lettered nothing, "the others"
+    have not been handled: the runtime calls ``process`` again with them.
     """
 
     def __init__(self, reason: str, rows: Sequence[int] | None = None) -> None:
@@ -66,7 +74,8 @@ class PartialFailure(Exception):
     """Transient failure of some rows: the others are committed, these are retried.
 
     After the retry policy's last attempt, the remaining rows go to dead letter
-    (or stop the flow, per ``on_failure``).
+    (or stop the flow, per ``on_failure``). In a processor whose call emitted,
+    deferred and dead-lettered nothing, the other rows are processed again at once, without these.
     """
 
     def __init__(self, rows: Sequence[int], cause: BaseException | str) -> None:
@@ -116,6 +125,7 @@ class Handler:
         self._ctx: _Context | None = None
         self._connected = True
         self._health_detail = ""
+        self._deferred_open = 0  # Deferred commits promised and not yet made
 
     # -- lifecycle hooks (override what you need) ----------------------------
     async def start(self) -> None:
@@ -190,8 +200,12 @@ class Deferred:
         self._handler = handler
         self.batch = batch
         self._open = True
+        handler._deferred_open += 1
         if batch._ack is not None:
             batch._ack.retain()
+        produced = call_output.get()
+        if produced is not None:
+            produced[0] += 1
 
     @property
     def pending(self) -> bool:
@@ -201,6 +215,7 @@ class Deferred:
         """The batch is durably written: let its acknowledgement proceed."""
         if self._open:
             self._open = False
+            self._handler._deferred_open -= 1
             if self.batch._ack is not None:
                 self.batch._ack.release()
 
@@ -208,9 +223,10 @@ class Deferred:
         """The batch could not be written: dead-letter it (or stop, per ``on_failure``)."""
         if self._open:
             self._open = False
+            self._handler._deferred_open -= 1
             try:
                 await self._handler.context.fail_deferred(
-                    self.batch, error, reason or f"{type(error).__name__}: {error}")
+                    self.batch, error, reason or error_text(error))
             finally:
                 if self.batch._ack is not None:
                     self.batch._ack.release()

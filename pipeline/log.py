@@ -10,7 +10,8 @@ from typing import Any
 
 from .settings import Secret
 
-__all__ = ["EventLogger", "configure_logging", "get_logger", "redact", "register_secret", "scrub"]
+__all__ = ["EventLogger", "configure_logging", "error_text", "get_logger", "redact",
+           "register_secret", "scrub"]
 
 _SECRET_KEY = re.compile(r"pass(word)?|secret|token|credential|api_?key|private|authorization",
                          re.IGNORECASE)
@@ -22,6 +23,13 @@ ROOT = "gaitflow"
 # values of every Secret loaded from settings: scrubbed from any output line, so a
 # password echoed inside a driver's exception message never reaches the log
 _KNOWN_SECRETS: set[str] = set()
+
+
+def error_text(exc: BaseException) -> str:
+    """``"Type: message"``, or just ``"Type"`` when the message is empty (a bare
+    ``TimeoutError()``), for logs, reasons and dead letters."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def register_secret(value: str | Secret | None) -> None:
@@ -61,7 +69,7 @@ class _Formatter(logging.Formatter):
         stamp += f".{int(record.msecs):03d}Z"
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
-            fields.setdefault("error", f"{type(exc).__name__}: {exc}")
+            fields.setdefault("error", error_text(exc))
         fields = {k: redact(k, v) for k, v in fields.items()}
         if self.json:
             doc = {"ts": stamp, "level": record.levelname.lower(), "logger": record.name,

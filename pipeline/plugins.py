@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .handler import Handler, Processor, Sink, Source
+from .log import error_text
 from .settings import check_schema, suggest
 
 __all__ = ["ENTRY_POINT_GROUP", "PluginError", "Registry", "UnknownHandlerType",
@@ -160,7 +161,7 @@ class Registry:
                 cls = _import(name)
             except Exception as exc:
                 raise PluginError(name, origin,
-                                  f"cannot be imported: {type(exc).__name__}: {exc}") from exc
+                                  f"cannot be imported: {error_text(exc)}") from exc
             self._types[name] = validate_handler(cls, name, origin)
             self._origins[name] = origin
             return self._types[name]
@@ -172,6 +173,6 @@ class Registry:
             cls = ep.load()
         except Exception as exc:
             raise PluginError(name, origin,
-                              f"cannot be loaded: {type(exc).__name__}: {exc}") from exc
+                              f"cannot be loaded: {error_text(exc)}") from exc
         self.register(name, cls, origin=origin)
         return self._types[name]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -48,12 +49,24 @@ class RetryPolicy:
         retry_on: tuple[type[BaseException], ...] = (Exception,),
         on_retry: Callable[[int, BaseException, float], None] | None = None,
     ) -> T:
-        """Await ``fn()`` until it succeeds or ``max_attempts`` is reached (then re-raise)."""
+        """Await ``fn()`` until it succeeds or ``max_attempts`` is reached (then re-raise).
+
+        ``fn`` takes no arguments and returns an awaitable: an ``async def`` function, or
+        ``lambda: client.get(url)``; each attempt calls it again. A ``fn`` that returns
+        something else is a programming error, raised at once as ``TypeError``.
+        """
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await fn()
+                awaitable = fn()
+                if not inspect.isawaitable(awaitable):
+                    raise _NotAwaitable(
+                        f"RetryPolicy.call needs a function that returns an awaitable (an async "
+                        f"def without arguments); {fn!r} returned {type(awaitable).__name__}")
+                return await awaitable
+            except _NotAwaitable:
+                raise
             except retry_on as exc:
                 if attempt >= self.max_attempts:
                     raise
@@ -61,3 +74,7 @@ class RetryPolicy:
                 if on_retry is not None:
                     on_retry(attempt, exc, pause)
                 await asyncio.sleep(pause)
+
+
+class _NotAwaitable(TypeError):
+    pass

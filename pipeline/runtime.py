@@ -24,7 +24,7 @@ from .config import PipelineConfig, config_from_dict, load_config
 from .delivery import HandlerContext, HandlerFailed
 from .graph import Graph
 from .handler import Handler, Source
-from .log import get_logger, scrub
+from .log import error_text, get_logger, scrub
 from .metrics import HandlerMetrics, MetricsRegistry, register_process_metrics
 from .plugins import Registry
 
@@ -41,7 +41,7 @@ class StartError(Exception):
         self.handler, self.cause = handler, cause
         self.cleanup_errors = list(cleanup_errors)
         what = what or f"handler {handler!r} ({type_name})"
-        text = f"{what} failed to start: {type(cause).__name__}: {cause}"
+        text = f"{what} failed to start: {error_text(cause)}"
         if isinstance(cause, TimeoutError) and not str(cause):
             text = f"{what} failed to start: timed out"
         for err in self.cleanup_errors:
@@ -141,7 +141,7 @@ class Runtime:
     def _commit_error_reporter(self, name: str) -> Any:
         def report(exc: BaseException) -> None:
             self._contexts[name].metrics.errors.inc()
-            log.error("source.commit_failed", handler=name, error=f"{type(exc).__name__}: {exc}")
+            log.error("source.commit_failed", handler=name, error=error_text(exc))
         return report
 
     def _register_metrics(self) -> None:
@@ -347,7 +347,7 @@ class Runtime:
             except (Exception, asyncio.CancelledError) as exc:
                 self.phase[name] = "failed"
                 log.error("handler.start_failed", handler=name, type=type_name,
-                          error=f"{type(exc).__name__}: {exc}")
+                          error=error_text(exc))
                 self.state = "closing"
                 cleanup = await self._close(reversed(started))
                 self.state = "stopped"
@@ -413,8 +413,13 @@ class Runtime:
             log.info("drain.started", reason=self.stopped_by or "sources exhausted",
                      timeout_s=self.settings.drain_timeout)
             t0 = time.monotonic()
+            # where the batches are, just before the timeout (if any) cancels the handlers
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.settings.drain_timeout
+            holding: dict[str, str] = {}
+            snapshot = loop.call_at(deadline - 0.001, lambda: holding.update(self._holding()))
             try:
-                async with asyncio.timeout(self.settings.drain_timeout):
+                async with asyncio.timeout_at(deadline):
                     await asyncio.gather(*intake, *consumers, return_exceptions=True)
                     for tracker in self._trackers.values():
                         await tracker.wait_settled()
@@ -423,13 +428,34 @@ class Runtime:
                 drained = False
                 in_flight = {n: t.pending for n, t in self._trackers.items() if t.pending}
                 log.warning("drain.timeout", timeout_s=self.settings.drain_timeout,
-                            unacked=in_flight)
+                            unacked=in_flight, holding=holding)
                 for task in consumers:
                     task.cancel()
+            snapshot.cancel()
             for tracker in self._trackers.values():
                 tracker.close()
             await asyncio.gather(*committers)
         return drained
+
+    def _holding(self) -> dict[str, str]:
+        """Where the unsettled batches are: per handler, the batches queued at its
+        input, those it is handling, and the Deferred commits it promised and has not
+        made (logged when the drain times out)."""
+        out = {}
+        for name in self.order:
+            parts = []
+            receiver = self._receivers.get(name)
+            if receiver is not None and receiver.stats.depth:
+                parts.append(f"{receiver.stats.depth} queued")
+            ctx = self._contexts.get(name)
+            if ctx is not None and ctx.active:
+                parts.append(f"{ctx.active} in process/write")
+            deferred = self.handlers[name]._deferred_open
+            if deferred:
+                parts.append(f"{deferred} deferred")
+            if parts:
+                out[name] = ", ".join(parts)
+        return out
 
     async def _run_source(self, name: str) -> None:
         h = self.handlers[name]
@@ -442,7 +468,7 @@ class Runtime:
                 raise
             log.info("source.stopped", handler=name)
         except Exception as exc:  # noqa: BLE001 - a source failure stops the pipeline
-            log.error("source.failed", handler=name, error=f"{type(exc).__name__}: {exc}")
+            log.error("source.failed", handler=name, error=error_text(exc))
             self._handler_failed(HandlerFailed(name, "run", exc))
         finally:
             ctx.close_outputs()
@@ -469,12 +495,12 @@ class Runtime:
             except Exception as exc:  # noqa: BLE001 - reported; close still runs
                 ctx.metrics.errors.inc()
                 log.error("handler.drain_failed", handler=name,
-                          error=f"{type(exc).__name__}: {exc}")
-                self.errors.append(scrub(f"handler {name!r} drain: {type(exc).__name__}: {exc}"))
+                          error=error_text(exc))
+                self.errors.append(scrub(f"handler {name!r} drain: {error_text(exc)}"))
             self.phase[name] = "drained"
             clean = True
         except Exception as exc:  # noqa: BLE001 - a bug in the consume loop: stop cleanly
-            log.error("handler.crashed", handler=name, error=f"{type(exc).__name__}: {exc}")
+            log.error("handler.crashed", handler=name, error=error_text(exc))
             self._handler_failed(HandlerFailed(name, "consume", exc))
         finally:
             if not clean:
@@ -490,9 +516,9 @@ class Runtime:
                     await h.close()
                 log.info("handler.closed", handler=name)
             except Exception as exc:  # noqa: BLE001 - every cleanup error is reported
-                text = scrub(f"handler {name!r} close: {type(exc).__name__}: {exc}")
+                text = scrub(f"handler {name!r} close: {error_text(exc)}")
                 errors.append(text)
                 log.error("handler.close_failed", handler=name,
-                          error=f"{type(exc).__name__}: {exc}")
+                          error=error_text(exc))
             self.phase[name] = "closed"
         return errors

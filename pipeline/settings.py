@@ -30,6 +30,7 @@ __all__ = [
     "describe_schema",
     "describe_type",
     "setting",
+    "toml_value",
 ]
 
 _MISSING: Any = dataclasses.MISSING
@@ -241,20 +242,62 @@ def check_schema(cls: Any) -> list[str]:
     return problems
 
 
-def describe_schema(cls: Any) -> list[tuple[str, str, str, str]]:
-    """``(key, expected, default, doc)`` rows for documentation and ``--describe``."""
+def toml_value(value: Any, secret: bool = False) -> str:
+    """``value`` written as TOML would write it (enums by value, nested settings as
+    inline tables, secrets as ``"***"``): what ``--describe`` prints as a default."""
+    if secret or isinstance(value, Secret):
+        return '"***"'
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, PurePath)):
+        return json.dumps(str(value), ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: (getattr(value, f.name), bool(f.metadata.get("secret")))
+                 for f in dataclasses.fields(value) if getattr(value, f.name) is not None}
+        return "{" + ", ".join(f"{k} = {toml_value(v, sec)}" for k, (v, sec) in value.items()) + "}"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def _toml_key(key: Any) -> str:
+    key = str(key)
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
+
+
+def describe_schema(cls: Any, prefix: str = "",
+                    base: Any = None) -> list[tuple[str, str, str, str]]:  # fmt: skip
+    """``(key, expected, default, doc)`` rows for documentation and ``--describe``; the
+    keys of a nested settings table follow it as ``key.sub``, with the defaults they
+    take when the table is partly given. A default of ``(unset)`` is ``None``: leave
+    the key out (or give it an empty ``${VAR:-}``)."""
     hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
         meta = f.metadata
-        if f.default is not _MISSING:
-            default = show(f.default, meta.get("secret", False)) if f.default is not None else "-"
+        secret = bool(meta.get("secret"))
+        if base is not None:
+            value = getattr(base, f.name)
+            default = toml_value(value, secret) if value is not None else "(unset)"
+        elif f.default is not _MISSING:
+            default = toml_value(f.default, secret) if f.default is not None else "(unset)"
         elif f.default_factory is not _MISSING:
-            default = show(f.default_factory())
+            default = toml_value(f.default_factory(), secret)
         else:
             default = "(required)"
-        rows.append((f.name, describe_type(hints.get(f.name, Any), meta), default,
-                     meta.get("doc", "")))
+        tp = hints.get(f.name, Any)
+        rows.append((prefix + f.name, describe_type(tp, meta), default, meta.get("doc", "")))
+        nested = _optional_of(tp) or tp
+        if isinstance(nested, type) and dataclasses.is_dataclass(nested):
+            inner = getattr(base, f.name) if base is not None else f.default
+            rows.extend(describe_schema(nested, f"{prefix}{f.name}.",
+                                        inner if isinstance(inner, nested) else None))
     return rows
 
 
@@ -267,7 +310,10 @@ class _Builder:
              secret: bool = False) -> None:
         self.issues.append(Issue(self.file, self.section, key, value, expected, problem, secret))
 
-    def build(self, cls: Any, table: Any, prefix: str = "", check_unknown: bool = True) -> Any:
+    def build(self, cls: Any, table: Any, prefix: str = "", check_unknown: bool = True,
+              base: Any = None) -> Any:  # fmt: skip
+        """An instance of ``cls`` from ``table``; keys it leaves out take their values
+        from ``base`` (the field's default, for a nested table) or the class defaults."""
         key_name = prefix.rstrip(".") or None
         if not isinstance(table, Mapping):
             self.fail(key_name or "", table, _describe(cls))
@@ -285,9 +331,12 @@ class _Builder:
         for name, f in fields.items():
             meta = f.metadata
             if name in table:
-                value = self.convert(table[name], hints.get(name, Any), meta, f"{prefix}{name}")
+                value = self.convert(table[name], hints.get(name, Any), meta, f"{prefix}{name}",
+                                     base=f.default if f.default is not _MISSING else None)
                 if value is not _MISSING:
                     kwargs[name] = value
+            elif base is not None:
+                kwargs[name] = getattr(base, name)
             elif f.default is _MISSING and f.default_factory is _MISSING:
                 doc = meta.get("doc")
                 self.fail(f"{prefix}{name}", NO_VALUE,
@@ -300,8 +349,13 @@ class _Builder:
         except (ValueError, TypeError) as exc:
             self.fail(key_name or "", NO_VALUE, "", str(exc))
             return _MISSING
+        except Exception as exc:  # noqa: BLE001 - a schema's own check failed unexpectedly
+            self.fail(key_name or "", NO_VALUE, "",
+                      f"the settings check raised {type(exc).__name__}: {exc}".rstrip(": "))
+            return _MISSING
 
-    def convert(self, value: Any, tp: Any, meta: Mapping[str, Any], key: str) -> Any:
+    def convert(self, value: Any, tp: Any, meta: Mapping[str, Any], key: str,
+                base: Any = None) -> Any:  # fmt: skip
         secret = bool(meta.get("secret")) or tp is Secret or _optional_of(tp) is Secret
         expected = describe_type(tp, meta)
         origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -311,12 +365,14 @@ class _Builder:
             options = [a for a in args if a is not type(None)]
             for option in sorted(options, key=_union_rank):
                 trial = _Builder(self.file, self.section, [])
-                result = trial.convert(value, option, meta, key)
+                result = trial.convert(value, option, meta, key, base)
                 if result is not _MISSING:
                     return result
-                if len(options) == 1:
+                if len(options) == 1 and not _blank(value):
                     self.issues.extend(trial.issues)
                     return _MISSING
+            if type(None) in args and _blank(value):
+                return None  # e.g. "${ACK_LOG:-}" for an optional path: unset
             self.fail(key, value, expected, secret=secret)
             return _MISSING
         if origin is Literal:
@@ -344,7 +400,8 @@ class _Builder:
             out = {k: self.convert(v, inner, {}, f"{key}.{k}") for k, v in value.items()}
             return _MISSING if any(v is _MISSING for v in out.values()) else out
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-            return self.build(tp, value, prefix=f"{key}.")
+            return self.build(tp, value, prefix=f"{key}.",
+                              base=base if isinstance(base, tp) else None)
         result = self._scalar(value, tp)
         if result is _MISSING:
             self.fail(key, value, expected, secret=secret)
@@ -405,6 +462,10 @@ class _Builder:
 
 _BOOLS = {"true": True, "yes": True, "on": True, "1": True,
           "false": False, "no": False, "off": False, "0": False}
+
+
+def _blank(value: Any) -> bool:
+    return isinstance(value, str) and not value.strip()
 
 
 def _optional_of(tp: Any) -> Any:

@@ -11,7 +11,7 @@ from typing import ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import Batch, Processor, Reject, Runtime, setting
+from pipeline import Batch, Processor, Reject, Runtime, configure_logging, setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +51,6 @@ SETTINGS = {
 
 
 async def main() -> None:
-    from pipeline.log import configure_logging
-
     configure_logging("info")
     runtime = Runtime.from_dict(SETTINGS, file="threshold example")
     print(runtime.graph.render_text())

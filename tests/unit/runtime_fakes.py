@@ -231,6 +231,40 @@ class SplitProcessor(Processor):
 
 
 @dataclasses.dataclass(frozen=True)
+class ScriptedProcessorSettings:
+    fail_on: list[int] = setting([], doc="rows with these seq values fail")
+    failures: int = setting(-1, doc="times each such row fails before it succeeds; -1: always")
+    mode: Literal["partial", "reject"] = setting("reject")
+    emit_first: bool = setting(False, doc="emit the good rows before raising for the bad")
+
+
+class ScriptedProcessor(Processor):
+    """Passes batches on; rows in ``fail_on`` make it raise Reject or PartialFailure."""
+
+    Settings: ClassVar[type] = ScriptedProcessorSettings
+
+    def __init__(self, name: str, settings: Any = None) -> None:
+        super().__init__(name, settings)
+        self.row_attempts: Counter[int] = Counter()
+        self.calls: list[list[int]] = []
+
+    async def process(self, batch: Batch) -> pa.Table:
+        s = self.settings
+        seqs = seqs_of(batch)
+        self.calls.append(seqs)
+        self.row_attempts.update(seqs)
+        bad = [i for i, v in enumerate(seqs) if v in s.fail_on
+               and (s.failures < 0 or self.row_attempts[v] <= s.failures)]
+        if not bad:
+            return batch.data
+        if s.emit_first:
+            await self.emit(batch.data.take([i for i in range(len(seqs)) if i not in bad]))
+        if s.mode == "reject":
+            raise Reject(f"poison row(s) {[seqs[i] for i in bad]}", rows=bad)
+        raise PartialFailure(bad, ConnectionError("item failed"))
+
+
+@dataclasses.dataclass(frozen=True)
 class SlowJsonlSettings(JsonlSinkSettings):
     delay: float = setting(0.0, min=0)
 

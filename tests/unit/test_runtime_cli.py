@@ -3,6 +3,7 @@ and signals: SIGTERM drains and exits 0 losing nothing; a second SIGINT forces e
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import signal
 import subprocess
@@ -79,6 +80,25 @@ def test_check_exit_codes_from_a_subprocess(good: Path, subprocess_env: dict[str
     assert 'type = "nope": unknown handler type' in bad.stderr
 
 
+def test_python_m_pipeline_finds_a_handler_module_in_the_working_directory(
+        tmp_path: Path, subprocess_env: dict[str, str]) -> None:
+    (tmp_path / "myplugin.py").write_text(
+        "from pipeline import Processor\n\n"
+        "class Upper(Processor):\n"
+        "    async def process(self, batch):\n"
+        "        return batch.data\n")
+    (tmp_path / "s.toml").write_text(
+        '[handlers.src]\ntype = "memory_source"\noutputs = ["up"]\non_failure = "stop"\n'
+        '[handlers.up]\ntype = "myplugin:Upper"\noutputs = ["out"]\non_failure = "stop"\n'
+        '[handlers.out]\ntype = "memory_sink"\non_failure = "stop"\n')
+    env = {**subprocess_env, "PYTHONPATH": str(ROOT)}  # not the test directory
+    ok = subprocess.run([sys.executable, "-m", "pipeline", "--settings", "s.toml", "--check"],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+                        check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == "ok: s.toml: 3 handlers, 2 connections\n"
+
+
 def test_set_overrides_apply_before_validation(
         good: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--settings", str(good), "--check", "--set", "handlers.src.count=-5"]) == 1
@@ -104,6 +124,9 @@ def test_list_and_describe(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert out.startswith("jsonl_sink: sink pipeline.builtin:JsonlSink\n")
     assert "    path = (required)  # a path; file to append JSON lines to" in out
+    assert main(["--describe", "memory_source"]) == 0
+    out = capsys.readouterr().out
+    assert "    ack_log = (unset)  # a path" in out  # None: not a value to paste back
     assert main(["--describe", "jsonl_snk"]) == 1
     assert "did you mean 'jsonl_sink'?" in capsys.readouterr().err
 
@@ -112,6 +135,16 @@ def test_run_to_completion_exits_0(good: Path, capsys: pytest.CaptureFixture[str
     assert main(["--settings", str(good)]) == 0
     err = capsys.readouterr().err
     assert "event=runtime.ready" in err and "event=runtime.stopped ok=true" in err
+
+
+def test_dead_letter_file_lines_carry_iso_8601_times(good: Path) -> None:
+    good.write_text(good.read_text().replace("count = 30", "rows = [{x = 1}]\ncount = 30"))
+    assert main(["--settings", str(good)]) == 0
+    (line,) = (good.parent / "dlq.jsonl").read_text().splitlines()
+    letter = json.loads(line)
+    assert letter["reason"] == "no seq column" and json.loads(letter["payload"]) == {"x": 1}
+    when = datetime.datetime.fromisoformat(letter["time"])
+    assert "T" in letter["time"] and when.tzinfo is not None
 
 
 def test_start_failure_exits_1_naming_handler_and_cause(

@@ -209,6 +209,57 @@ async def test_processor_named_outputs_and_rejects(make_runtime) -> None:
     assert len(rt.handlers["src"].committed) == 4
 
 
+@pytest.mark.parametrize("emit_first", [False, True], ids=["raises first", "emits first"])
+async def test_processor_rejecting_some_rows_loses_none_of_the_others(make_runtime,
+                                                                    emit_first) -> None:
+    # raising before emitting: the runtime processes the other rows again; emitting
+    # the good rows first: they count as handled and are not processed twice
+    rt = make_runtime({
+        "src": {"type": "memory_source", "count": 30, "batch_size": 10, "outputs": ["proc"]},
+        "proc": {"type": f"{FAKES}:ScriptedProcessor", "fail_on": [3, 4, 17], "mode": "reject",
+                 "emit_first": emit_first, "outputs": ["sink"],
+                 "retry": {"max_attempts": 5, "backoff": 10}},
+        "sink": {"type": "memory_sink"},
+    })
+    report = await asyncio.wait_for(rt.run(), 5)  # Reject never waits for a retry
+    assert report.ok and report.drained
+    got = [r["seq"] for r in rt.handlers["sink"].rows()]
+    assert sorted(got) == [s for s in range(30) if s not in (3, 4, 17)]
+    assert len(got) == len(set(got)), "a row reached the sink twice"
+    letters = dead_letters(rt)
+    assert sorted((d["key"], d["reason"]) for d in letters) == [
+        ("17", "poison row(s) [17]"), ("3", "poison row(s) [3, 4]"),
+        ("4", "poison row(s) [3, 4]")]
+    calls = rt.handlers["proc"].calls
+    if emit_first:
+        assert len(calls) == 3
+    else:  # each failing batch once more, without its rejected rows
+        assert [0, 1, 2, 5, 6, 7, 8, 9] in calls and [10, 11, 12, 13, 14, 15, 16, 18, 19] in calls
+        assert len(calls) == 5
+    assert rt.handlers["src"].committed == tokens(3)
+
+
+@pytest.mark.parametrize("emit_first", [False, True], ids=["raises first", "emits first"])
+async def test_processor_partial_failure_retries_those_rows_and_passes_the_rest(
+        make_runtime, emit_first) -> None:
+    rt = make_runtime({
+        "src": {"type": "memory_source", "count": 20, "batch_size": 10, "outputs": ["proc"]},
+        "proc": {"type": f"{FAKES}:ScriptedProcessor", "fail_on": [5, 15], "failures": 1,
+                 "mode": "partial", "emit_first": emit_first, "outputs": ["sink"],
+                 "retry": {"max_attempts": 3, "backoff": 0}},
+        "sink": {"type": "memory_sink"},
+    })
+    report = await rt.run()
+    assert report.ok and report.drained
+    got = [r["seq"] for r in rt.handlers["sink"].rows()]
+    assert sorted(got) == list(range(20)), "every row once: the failed ones after a retry"
+    proc = rt.handlers["proc"]
+    assert proc.row_attempts[5] == 2 and proc.row_attempts[15] == 2
+    assert proc.row_attempts[4] == (1 if emit_first else 2)
+    assert dead_letters(rt) == []
+    assert rt.handlers["src"].committed == tokens(2)
+
+
 async def test_fan_in_from_two_sources(make_runtime) -> None:
     rt = make_runtime({
         "a": {"type": "memory_source", "count": 30, "batch_size": 10, "outputs": ["sink"]},
@@ -318,8 +369,10 @@ async def test_timeout_makes_a_stuck_write_a_failed_attempt(make_runtime) -> Non
     report = await asyncio.wait_for(rt.run(), 5)
     assert report.ok
     letters = dead_letters(rt)
-    assert len(letters) == 10 and letters[0]["reason"].startswith("failed after 2 attempts: "
-                                                                   "TimeoutError")
+    expected = "TimeoutError: write() took longer than timeout = 0.05 s"
+    assert len(letters) == 10
+    assert letters[0]["reason"] == f"failed after 2 attempts: {expected}"
+    assert letters[0]["exception"] == expected
 
 
 @pytest.mark.parametrize("concurrency", [1, 3])

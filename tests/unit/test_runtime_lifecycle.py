@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from pipeline import Runtime, StartError
+from pipeline import Runtime, StartError, configure_logging
 
 FAKES = "runtime_fakes"
 PROBE = f"{FAKES}:LifecycleProbe"
@@ -100,7 +100,8 @@ async def test_a_disconnected_handler_is_not_ready(make_runtime, probe_events) -
         assert rt.readiness() == (True, {})
 
 
-async def test_drain_timeout_cancels_and_reports_unacked(make_runtime) -> None:
+async def test_drain_timeout_cancels_and_reports_unacked(make_runtime, capsys) -> None:
+    configure_logging("info")  # onto capsys's stderr
     rt = make_runtime({
         "src": {"type": "memory_source", "count": 30, "batch_size": 10, "outputs": ["stuck"]},
         "stuck": {"type": f"{FAKES}:GateSink"},
@@ -110,6 +111,10 @@ async def test_drain_timeout_cancels_and_reports_unacked(make_runtime) -> None:
     assert time.monotonic() - t0 < 2
     assert not report.drained and report.unacked == 3
     assert rt.handlers["src"].committed == []
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if "event=drain.timeout" in ln]
+    # names the source left unacknowledged and where its batches are stuck
+    assert r'unacked="{\"src\": 3}"' in line
+    assert r'holding="{\"stuck\": \"2 queued, 1 in process/write\"}"' in line
 
 
 async def test_handler_set_is_frozen_and_a_runtime_runs_once(make_runtime) -> None:

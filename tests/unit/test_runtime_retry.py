@@ -57,3 +57,14 @@ async def test_call_retries_then_succeeds_or_reraises() -> None:
 
     with pytest.raises(KeyError):
         await policy.call(wrong, retry_on=(ConnectionError,))
+
+
+async def test_call_refuses_a_function_that_is_not_async_without_running_it_again() -> None:
+    writes: list[int] = []
+
+    def plain_write() -> None:  # a mistake: not async
+        writes.append(1)
+
+    with pytest.raises(TypeError, match="returned NoneType"):
+        await RetryPolicy(max_attempts=3, backoff=0).call(plain_write)  # type: ignore[arg-type]
+    assert writes == [1], "the side effect must not be repeated by retries"

@@ -12,7 +12,7 @@ import pytest
 from pipeline import Secret, SettingsError, load_config, setting
 from pipeline.config import config_from_dict
 from pipeline.document import interpolate
-from pipeline.settings import Issue, Text, build, describe_type
+from pipeline.settings import Issue, Text, build, describe_schema, describe_type
 
 BASE = """
 [dead_letter]
@@ -38,6 +38,11 @@ MISTAKES = [
     ("missing required key", BASE + '[handlers.out]\ntype = "jsonl_sink"\n',
      ("{f}: [handlers.out] path: missing; expected a path (file to append JSON lines to; its "
      "directory is created)")),
+    ("misspelt type", BASE + '[handlers.src]\ntpye = "memory_source"\n',
+     ('{f}: [handlers.src] tpye = "memory_source": unknown key (did you mean \'type\'?); '
+      'expected type = "..."\n'
+      "{f}: [handlers.src] type: missing; expected a string (handler type: a registered name "
+      "or 'package.module:Class')")),
     ("missing type", BASE + "[handlers.src]\ncount = 3\n",
      ("{f}: [handlers.src] type: missing; expected a string (handler type: a registered name "
      "or 'package.module:Class')")),
@@ -95,7 +100,7 @@ def test_each_mistake_has_a_precise_message(tmp_path: Path, text: str, message: 
     path = write(tmp_path, text)
     with pytest.raises(SettingsError) as info:
         load_config(path, env={})
-    assert [str(i) for i in info.value.issues] == [message.replace("{f}", str(path))]
+    assert [str(i) for i in info.value.issues] == message.replace("{f}", str(path)).split("\n")
 
 
 def test_unknown_type_suggests_and_lists_the_known_types(tmp_path: Path) -> None:
@@ -234,6 +239,70 @@ def test_schema_errors_and_post_init_checks() -> None:
     issues = []
     build(Schema, {"name": "forbidden"}, file="f", section="s", issues=issues)
     assert [str(i) for i in issues] == ["f: [s]: name 'forbidden' is reserved"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Retrying:
+    retry: Inner = setting(Inner(7), doc="a nested table whose default is not the class's")
+    seed: int | None = setting(None)
+    note: str | None = setting(None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Two:
+    level: int = setting(1)
+    width: int = setting(2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    two: Two = setting(Two(5, 6))
+
+
+def test_a_partial_nested_table_keeps_the_fields_default_for_the_keys_it_leaves_out() -> None:
+    issues: list[Issue] = []
+    assert build(Outer, {"two": {"width": 9}}, file="f", section="s", issues=issues) == Outer(
+        Two(5, 9))
+    assert build(Outer, {}, file="f", section="s", issues=issues) == Outer(Two(5, 6))
+    assert issues == []
+
+
+def test_an_empty_interpolation_leaves_an_optional_setting_unset() -> None:
+    issues: list[Issue] = []
+    built = build(Retrying, {"seed": Text(""), "note": Text("")}, file="f", section="s",
+                  issues=issues)
+    assert issues == []
+    assert built.seed is None and built.note == ""  # a string may be empty: it stays ""
+    build(Retrying, {"seed": Text("x")}, file="f", section="s", issues=issues)
+    assert [str(i) for i in issues] == ['f: [s] seed = "x": expected an integer']
+
+
+def test_any_exception_of_a_schema_check_is_reported_not_raised() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Asserting:
+        n: int = setting(1)
+
+        def __post_init__(self) -> None:
+            if self.n <= 0:
+                raise AssertionError
+            if self.n > 5:
+                raise KeyError("n too large")
+
+    issues: list[Issue] = []
+    build(Asserting, {"n": 0}, file="f", section="s", issues=issues)
+    build(Asserting, {"n": 6}, file="f", section="s", issues=issues)
+    assert [str(i) for i in issues] == ["f: [s]: the settings check raised AssertionError",
+                                        "f: [s]: the settings check raised KeyError: 'n too large'"]
+
+
+def test_describe_schema_prints_defaults_as_toml_and_the_nested_keys() -> None:
+    rows = {key: default for key, _, default, _ in describe_schema(Schema)}
+    assert rows["mode"] == '"safe"'  # the value a user writes, not Mode.SAFE
+    assert rows["path"] == "(unset)"
+    assert rows["inner"] == "{level = 1}" and rows["inner.level"] == "1"
+    assert rows["name"] == "(required)" and rows["tags"] == "{}"
+    nested = {key: default for key, _, default, _ in describe_schema(Retrying)}
+    assert nested["retry"] == "{level = 7}" and nested["retry.level"] == "7"
 
 
 def test_describe_type_in_words() -> None:
