@@ -17,8 +17,9 @@ HTTP API (JSON; errors are ``{"error": {"code", "message", "field"?}}`` with a 4
     ``label`` is ``parkinson`` when ``probability`` reaches the model's decision
     ``threshold`` (its training prevalence; a window is read against the same one).
 
-    Feature windows are scored by the model's feature members only (a rocket member
-    needs raw samples); ``GET /v1/models`` says which inputs a model takes.
+    Feature windows are scored by the model's window-feature members only (rocket
+    and hydra members read the sensor series, so they need raw samples); ``GET
+    /v1/models`` says which inputs a model takes and which members score each.
 ``GET /v1/models``
     The active version, every version in the models directory, feature names.
 ``POST /v1/models/{version}/activate``, ``POST /v1/models/reload``
@@ -520,6 +521,8 @@ async def models(request: web.Request) -> web.Response:
                    "fs": active.model.fs},
         "threshold": active.model.threshold,
         "feature_windows_supported": bool(active.model.feature_members),
+        "members": {"rows": [m.name for m in active.model.members],
+                    "windows": [m.name for m in active.model.feature_members]},
     })  # fmt: skip
 
 

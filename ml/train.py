@@ -50,15 +50,18 @@ from threadpoolctl import threadpool_limits
 from . import data as D
 from . import features as F
 from .evaluate import binary_metrics, evaluation_table, subject_folds
+from .hydra import Hydra, foot_totals
 from .model import (
     CANDIDATES,
     DEFAULT_CANDIDATES,
     DEFAULT_MODEL,
     MEMBERS,
+    SERIES_KINDS,
     GaitModel,
     Member,
     aggregate,
     fit_member,
+    make_hydra,
     make_rocket,
     member_oof_scores,
 )
@@ -100,6 +103,20 @@ class Dataset:
 
     def aggregated(self) -> np.ndarray:
         return np.stack([aggregate(f) for f in self.feats])
+
+    def hydra_features(self, jobs: int = 2) -> tuple[Hydra, np.ndarray]:
+        """The Hydra transform (:func:`ml.model.make_hydra`) and every recording's mean
+        Hydra features, computed on first use."""
+        cached = self.__dict__.get("_hydra")
+        if cached is None:
+            if self.series is None:
+                raise ValueError("a hydra member needs the sensor series (load them)")
+            hydra = make_hydra().fit(foot_totals(self.series[0][:1]))
+            t0 = time.perf_counter()
+            cached = self.__dict__["_hydra"] = (hydra, hydra_transform(hydra, self.series, jobs))
+            log(f"  hydra features of {sum(len(s) for s in self.series)} windows "
+                f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+        return cached
 
     def bags(self) -> np.ndarray:
         """Each recording's window features, as a 1-d object array (index it by rows)."""
@@ -174,13 +191,20 @@ def rocket_fit_transform(series: list[np.ndarray], train: np.ndarray, seed: int,
     return rocket, rocket_transform(rocket, series, jobs)
 
 
-def _rocket_chunk(rocket: MiniRocket, x: np.ndarray) -> np.ndarray:
+def _rocket_chunk(rocket: MiniRocket | Hydra, x: np.ndarray) -> np.ndarray:
     with threadpool_limits(1):
         return rocket.transform(x)
 
 
-def rocket_transform(rocket: MiniRocket, series: list[np.ndarray], jobs: int = 2) -> np.ndarray:
-    """Mean MiniRocket features of each recording's windows (``jobs`` processes)."""
+def hydra_transform(hydra: Hydra, series: list[np.ndarray], jobs: int = 2) -> np.ndarray:
+    """Mean Hydra features of each recording's windows (of the feet's total force)."""
+    return rocket_transform(hydra, [foot_totals(s) for s in series], jobs)
+
+
+def rocket_transform(rocket: MiniRocket | Hydra, series: list[np.ndarray],
+                     jobs: int = 2) -> np.ndarray:  # fmt: skip
+    """Mean MiniRocket (or other series transform) features of each recording's
+    windows (``jobs`` processes)."""
     allw = np.concatenate(series)
     bounds = np.cumsum([0] + [len(s) for s in series])
     step = 256
@@ -207,17 +231,31 @@ class Inputs:
     bags: np.ndarray
     rk: np.ndarray | None = None
     rocket: MiniRocket | None = None
+    hy: np.ndarray | None = None  # every recording's mean Hydra features
+    hydra: Hydra | None = None
 
     def read(self, member: str, rows: np.ndarray) -> np.ndarray | list[np.ndarray]:
         """Member ``member``'s input for ``rows``, as :meth:`Member.proba` takes it."""
         kind = MEMBERS[member].kind
         if kind == "set":
             return list(self.bags[rows])
-        if kind == "rocket":
-            if self.rk is None:
+        if kind in SERIES_KINDS:
+            x = self.rk if kind == "rocket" else self.hy
+            if x is None:
                 raise ValueError(f"member {member!r} needs the sensor series (load them)")
-            return self.rk[rows]
+            return x[rows]
         return self.agg[rows]
+
+    def transform(self, member: str) -> MiniRocket | Hydra | None:
+        """The fitted series transform member ``member``'s input came from."""
+        kind = MEMBERS[member].kind
+        return self.rocket if kind == "rocket" else self.hydra if kind == "hydra" else None
+
+    def add_hydra(self, ds: Dataset, jobs: int) -> None:
+        """Hydra features of every recording: the kernels are random, not fitted to
+        data, so one transform (the one the model ships) serves every fold and
+        every repeat; it is computed once per dataset."""
+        self.hydra, self.hy = ds.hydra_features(jobs)
 
 
 def _local_folds(folds: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -249,7 +287,7 @@ def fit_members(meta: pd.DataFrame, inputs: Inputs, train: np.ndarray, names: Se
     """Calibrated members fitted on ``train`` rows (calibration folds by subject)."""
     yt = meta["label"].to_numpy(dtype=int)[train]
     local = _local_folds(subject_folds(meta, inner_folds, seed, index=train), train)
-    return {m: fit_member(m, inputs.read(m, train), yt, local, seed, inputs.rocket)
+    return {m: fit_member(m, inputs.read(m, train), yt, local, seed, inputs.transform(m))
             for m in names}  # fmt: skip
 
 
@@ -279,13 +317,16 @@ def nested_cv(ds: Dataset, *, folds: int = 5, inner_folds: int = 4, seed: int = 
     if model is not None and model not in candidates:
         candidates = [model, *candidates]
     inputs = Inputs(ds.aggregated(), ds.bags())
-    use_rocket = ds.series is not None and any(
-        MEMBERS[m].kind == "rocket" for c in candidates for m in CANDIDATES[c]
-    )
-    if not use_rocket:
-        if model is not None and any(MEMBERS[m].kind == "rocket" for m in CANDIDATES[model]):
+    kinds = {MEMBERS[m].kind for c in candidates for m in CANDIDATES[c]}
+    if ds.series is None:
+        if model is not None and any(MEMBERS[m].kind in SERIES_KINDS for m in CANDIDATES[model]):
             raise ValueError(f"model {model!r} needs the sensor series (load them)")
-        candidates = [c for c in candidates if all(MEMBERS[m].kind != "rocket" for m in CANDIDATES[c])]
+        candidates = [c for c in candidates
+                      if all(MEMBERS[m].kind not in SERIES_KINDS for m in CANDIDATES[c])]  # fmt: skip
+        kinds -= set(SERIES_KINDS)
+    use_rocket = "rocket" in kinds
+    if "hydra" in kinds:
+        inputs.add_hydra(ds, jobs)
     n = len(meta)
     res = CVResult(np.full(n, np.nan), np.full(n, np.nan), np.full(n, -1), [], [],
                    {c: np.full(n, np.nan) for c in candidates}, [])  # fmt: skip
@@ -327,6 +368,8 @@ def fit_final(ds: Dataset, candidate: str, *, inner_folds: int = 4, seed: int = 
     if any(MEMBERS[m].kind == "rocket" for m in names):
         assert ds.series is not None
         inputs.rocket, inputs.rk = rocket_fit_transform(ds.series, everyone, seed, jobs)
+    if any(MEMBERS[m].kind == "hydra" for m in names):
+        inputs.add_hydra(ds, jobs)
     members = fit_members(meta, inputs, everyone, names, inner_folds, seed + 2)
     return GaitModel(
         version=version,
@@ -373,7 +416,7 @@ def leaky_comparison(ds: Dataset, candidate: str, seed: int = 0, folds: int = 5,
     log(f"leaky: random window split AUC {out['random_window_split']['auc']:.3f}")
     # 2. random recording split (same candidate's window-feature members)
     names = [m for m in CANDIDATES[candidate]
-             if MEMBERS[m].kind in ("features", "set")] or ["logreg"]  # fmt: skip
+             if MEMBERS[m].kind not in SERIES_KINDS] or ["logreg"]  # fmt: skip
     inputs = Inputs(ds.aggregated(), ds.bags())
     p = np.zeros(len(y))
     thr = np.zeros(len(y))
@@ -466,7 +509,7 @@ def train(data_dir: str | Path, out_dir: str | Path, *, folds: int = 5, inner_fo
     unknown = set(candidates) - set(CANDIDATES)
     if unknown:
         raise ValueError(f"unknown candidates {sorted(unknown)}; known: {sorted(CANDIDATES)}")
-    use_series = any(MEMBERS[m].kind == "rocket" for c in candidates for m in CANDIDATES[c])
+    use_series = any(MEMBERS[m].kind in SERIES_KINDS for c in candidates for m in CANDIDATES[c])
     data_dir = D.data_dir(data_dir)
     log(f"loading recordings from {data_dir}")
     with threadpool_limits(1, user_api="blas"):

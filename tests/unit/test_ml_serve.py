@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from ml import features as F
 from ml import train as T
-from ml.artifact import save_model
+from ml.artifact import load_model, save_model
 from ml.model import DEFAULT_MODEL
 from ml.serve import STATE, ServeConfig, create_app, serve
 from ml.synthetic import synthetic_recording, write_synthetic_dataset
@@ -107,7 +107,10 @@ async def test_predict_raw_rows(make_client: ClientFactory) -> None:
 
 
 async def test_feature_windows_give_the_same_answer_as_rows(make_client: ClientFactory) -> None:
+    # with a model whose members all read window features (V2); the default model's
+    # hydra member reads the sensor series, so windows skip it (next test)
     client = await make_client()
+    assert (await client.post(f"/v1/models/{V2}/activate")).status == 200
     x = synthetic_recording(1.2, 16.0)
     _, feats = F.recording_features(x)
     wins = [{"key": f"r:{k}", "features": [None if not np.isfinite(v) else float(v) for v in f]}
@@ -118,6 +121,25 @@ async def test_feature_windows_give_the_same_answer_as_rows(make_client: ClientF
         {"id": "r", "windows": wins}]})).json()  # fmt: skip
     assert r2["results"][0]["probability"] == pytest.approx(r1["results"][0]["probability"])
     assert [w["key"] for w in r2["results"][0]["windows"]] == ["r:0", "r:1"]
+
+
+async def test_feature_windows_skip_the_series_member_of_the_default_model(
+        make_client: ClientFactory, models_dir: Path) -> None:  # fmt: skip
+    client = await make_client()
+    info = await (await client.get("/v1/models")).json()
+    assert info["active"] == V1 and info["feature_windows_supported"] is True
+    assert info["members"] == {"rows": ["logreg_core", "set_svm", "hydra_ridge"],
+                               "windows": ["logreg_core", "set_svm"]}
+    x = synthetic_recording(1.2, 16.0)
+    _, feats = F.recording_features(x)
+    wins = [{"key": f"r:{k}", "features": [None if not np.isfinite(v) else float(v) for v in f]}
+            for k, f in enumerate(feats)]  # fmt: skip
+    got = (await (await client.post("/v1/predict", json={"recordings": [
+        {"id": "r", "windows": wins}]})).json())["results"][0]["probability"]  # fmt: skip
+    model = load_model(models_dir).model
+    window_members = replace(model, members=model.feature_members)
+    assert got == pytest.approx(window_members.predict_rows(x).probability)
+    assert got != pytest.approx(model.predict_rows(x).probability)
 
 
 async def test_null_features_are_imputed(make_client: ClientFactory) -> None:
@@ -277,6 +299,7 @@ async def test_model_without_feature_members_refuses_windows(make_client: Client
     client = await make_client(models_dir / "rocket")
     info = await (await client.get("/v1/models")).json()
     assert info["feature_windows_supported"] is False
+    assert info["members"] == {"rows": ["rocket_logreg"], "windows": []}
     resp = await client.post("/v1/predict", json={"recordings": [{"id": "w", "windows": _windows()}]})
     await _error(resp, 422, "windows_not_supported")
     ok = await client.post("/v1/predict", json={"recordings": [{"id": "a", "rows": _rows()}]})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from ml import evaluate as E
 from ml import features as F
 from ml import train as T
 from ml.artifact import ArtifactError, list_versions, load_model
+from ml.hydra import Hydra, foot_totals
 from ml.model import CANDIDATES, DEFAULT_CANDIDATES, DEFAULT_MODEL, MEMBERS, aggregate
 from ml.rocket import MiniRocket
 from ml.synthetic import write_synthetic_dataset
@@ -291,7 +293,11 @@ def test_saved_model_loads_and_predicts(trained: Path, synth_dir: Path) -> None:
     assert len(pred.window_probabilities) == len(F.window_starts(len(x)))
     _, feats = F.recording_features(x)
     by_windows = loaded.model.predict_windows(feats)
-    assert by_windows.probability == pytest.approx(pred.probability)
+    # feature windows are scored by the window-feature members, exactly as rows are
+    window_members = dataclasses.replace(loaded.model, members=loaded.model.feature_members)
+    assert by_windows.probability == pytest.approx(window_members.predict_rows(x).probability)
+    if len(window_members.members) == len(loaded.model.members):
+        assert by_windows.probability == pytest.approx(pred.probability)
     with pytest.raises(ValueError, match="shorter than one window"):
         loaded.model.predict_rows(x[:500])
 
@@ -336,3 +342,42 @@ def test_error_subjects_counts_misclassified_walks_per_subject() -> None:
     assert "| A | Ju | parkinson | 3 | 3 | 0.200 |" in md
     ok = preds.assign(probability=[0.9, 0.9, 0.9, 0.1, 0.1, 0.1])
     assert error_subjects(ok).empty and _errors_md(ok) == "No recording is misclassified."
+
+
+def test_hydra_transform_is_deterministic_and_every_step_has_one_loser() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 2, 120)).astype(np.float32)
+    a = Hydra(k=4, groups=6, random_state=3).fit(x[:1])
+    b = Hydra(k=4, groups=6, random_state=3).fit(x)  # the data never matters, only its shape
+    fa = a.transform(x)
+    np.testing.assert_array_equal(fa, b.transform(x))
+    assert fa.shape == (5, a.n_features) and len(a.dilations_) == 4  # 1, 2, 4, 8 for 120 steps
+    # per dilation and representation: [soft winners (3 groups x 4), hard losers (3 x 4)];
+    # the loser counts of a group cover each step of the series (or its difference) once
+    blocks = fa.reshape(5, 4, 2, 2, 3, 4)
+    losers = blocks[:, :, :, 1].sum(axis=-1)  # (n, dilation, representation, group)
+    np.testing.assert_array_equal(losers[:, :, 0], 120)
+    np.testing.assert_array_equal(losers[:, :, 1], 119)
+    assert not np.array_equal(fa, Hydra(k=4, groups=6, random_state=4).fit(x).transform(x))
+    with pytest.raises(ValueError, match=r"expected \(n, 2, 120\)"):
+        a.transform(x[:, :, :100])
+    np.testing.assert_array_equal(foot_totals(np.ones((3, 16, 7)))[:, :, 0], 8.0)
+
+
+def test_a_hydra_model_scores_raw_rows_with_every_member_and_windows_without_hydra(
+        synth_dir: Path) -> None:  # fmt: skip
+    ds = T.load_dataset(synth_dir, series=True, jobs=1)
+    model = T.fit_final(ds, "ensemble_hydra", inner_folds=2, seed=0, version="h", jobs=1)
+    assert [m.name for m in model.members] == ["logreg_core", "set_svm", "hydra_ridge"]
+    assert [m.name for m in model.feature_members] == ["logreg_core", "set_svm"]
+    rows = D.load_recording(next(Path(synth_dir).glob("*_01.txt*")))
+    by_rows = model.predict_rows(rows)
+    feats = F.recording_features(rows, F.FS)[1]
+    by_windows = model.predict_windows(feats)
+    assert len(by_rows.window_probabilities) == len(by_windows.window_probabilities) == len(feats)
+    # feature windows: the mean of the two feature members; raw rows: of all three
+    hydra = model.members[2]
+    series = F.sensor_series(rows, F.FS)
+    x = hydra.series_features(series)
+    p_hydra = hydra.proba(x.mean(axis=0, keepdims=True))[0]
+    assert by_rows.probability == pytest.approx((2 * by_windows.probability + p_hydra) / 3)
