@@ -10,7 +10,7 @@ import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .settings import Issue, SettingsError, Text
+from .settings import Issue, SettingsError, Text, Unresolved
 
 __all__ = ["apply_overrides", "interpolate", "read_toml", "split_path"]
 
@@ -68,9 +68,10 @@ def interpolate(doc: Any, *, file: str, issues: list[Issue],
     if not isinstance(doc, str) or "$" not in doc:
         return doc
     textual = isinstance(doc, Text)
+    unresolved = False
 
     def replace(match: re.Match[str]) -> str:
-        nonlocal textual
+        nonlocal textual, unresolved
         if match.group(1):
             return "$"
         textual = True
@@ -86,10 +87,13 @@ def interpolate(doc: Any, *, file: str, issues: list[Issue],
                 file, section, key + "".join(p for p in path if p.startswith("[")), doc,
                 f"the variable set, or a default: ${{{name}:-default}}",
                 f"environment variable {name} is not set"))
+            unresolved = True
             return ""
         return value
 
     result = _VAR.sub(replace, doc)
+    if unresolved:
+        return Unresolved(result)
     return Text(result) if textual else result
 
 

@@ -8,6 +8,7 @@ errors, never silently dropped. Secret values are shown as ``***`` everywhere.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import enum
@@ -79,6 +80,13 @@ class Text(str):
     __slots__ = ()
 
 
+class Unresolved(Text):
+    """A value whose ``${VAR}`` could not be resolved: the interpolation already
+    reported it, so the schema does not report the value a second time."""
+
+    __slots__ = ()
+
+
 def setting(
     default: Any = _MISSING,
     *,
@@ -95,6 +103,11 @@ def setting(
         snapshot = default
         return dataclasses.field(
             default_factory=lambda: type(snapshot)(snapshot), metadata=metadata)
+    if dataclasses.is_dataclass(default) and not isinstance(default, type) \
+            and getattr(type(default), "__hash__", None) is None:
+        # a nested settings table that is not frozen: each instance gets its own copy
+        nested = default
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(nested), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -295,7 +308,7 @@ def describe_schema(cls: Any, prefix: str = "",
         rows.append((prefix + f.name, describe_type(tp, meta), default, meta.get("doc", "")))
         nested = _optional_of(tp) or tp
         if isinstance(nested, type) and dataclasses.is_dataclass(nested):
-            inner = getattr(base, f.name) if base is not None else f.default
+            inner = getattr(base, f.name) if base is not None else _field_default(f)
             rows.extend(describe_schema(nested, f"{prefix}{f.name}.",
                                         inner if isinstance(inner, nested) else None))
     return rows
@@ -305,6 +318,7 @@ def describe_schema(cls: Any, prefix: str = "",
 class _Builder:
     def __init__(self, file: str, section: str, issues: list[Issue]) -> None:
         self.file, self.section, self.issues = file, section, issues
+        self.unresolved = 0  # values skipped because their ${VAR} is already reported
 
     def fail(self, key: str, value: Any, expected: str, problem: str = "",
              secret: bool = False) -> None:
@@ -320,7 +334,7 @@ class _Builder:
             return _MISSING
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-        before = len(self.issues)
+        before, skipped = len(self.issues), self.unresolved
         if check_unknown:
             for key in table:
                 if key not in fields:
@@ -332,7 +346,7 @@ class _Builder:
             meta = f.metadata
             if name in table:
                 value = self.convert(table[name], hints.get(name, Any), meta, f"{prefix}{name}",
-                                     base=f.default if f.default is not _MISSING else None)
+                                     base=_field_default(f))
                 if value is not _MISSING:
                     kwargs[name] = value
             elif base is not None:
@@ -342,7 +356,7 @@ class _Builder:
                 self.fail(f"{prefix}{name}", NO_VALUE,
                           describe_type(hints.get(name, Any), meta) + (f" ({doc})" if doc else ""),
                           "missing")
-        if len(self.issues) > before:
+        if len(self.issues) > before or self.unresolved > skipped:
             return _MISSING
         try:
             return cls(**kwargs)
@@ -356,6 +370,9 @@ class _Builder:
 
     def convert(self, value: Any, tp: Any, meta: Mapping[str, Any], key: str,
                 base: Any = None) -> Any:  # fmt: skip
+        if isinstance(value, Unresolved):
+            self.unresolved += 1
+            return _MISSING
         secret = bool(meta.get("secret")) or tp is Secret or _optional_of(tp) is Secret
         expected = describe_type(tp, meta)
         origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -366,6 +383,7 @@ class _Builder:
             for option in sorted(options, key=_union_rank):
                 trial = _Builder(self.file, self.section, [])
                 result = trial.convert(value, option, meta, key, base)
+                self.unresolved += trial.unresolved
                 if result is not _MISSING:
                     return result
                 if len(options) == 1 and not _blank(value):
@@ -462,6 +480,15 @@ class _Builder:
 
 _BOOLS = {"true": True, "yes": True, "on": True, "1": True,
           "false": False, "no": False, "off": False, "0": False}
+
+
+def _field_default(f: dataclasses.Field[Any]) -> Any:
+    """A field's default value (made by its factory if it has one), or None."""
+    if f.default is not _MISSING:
+        return f.default
+    if f.default_factory is not _MISSING:
+        return f.default_factory()
+    return None
 
 
 def _blank(value: Any) -> bool:

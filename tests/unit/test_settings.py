@@ -50,6 +50,10 @@ MISTAKES = [
      'path = "${OUT_DIR}/x.jsonl"\n',
      ('{f}: [handlers.out] path = "${OUT_DIR}/x.jsonl": environment variable OUT_DIR is not '
      "set; expected the variable set, or a default: ${OUT_DIR:-default}")),
+    ("unset environment variable for a number: reported once", BASE + SRC
+     + 'count = "${NCOUNT}"\n',
+     ('{f}: [handlers.src] count = "${NCOUNT}": environment variable NCOUNT is not set; '
+      "expected the variable set, or a default: ${NCOUNT:-default}")),
     ("value not among the choices", BASE + SRC + 'on_failure = "retry"\n',
      '{f}: [handlers.src] on_failure = "retry": expected one of "dead_letter", "stop"'),
     ("nested value out of range", BASE + SRC + "retry = {max_attempts = 0}\n",
@@ -323,3 +327,25 @@ def test_config_from_dict_matches_files() -> None:
         "sink": {"type": "memory_sink", "on_failure": "stop"}}})
     assert config.handlers["src"].outputs == {"default": ("sink",)}
     assert config.handlers["sink"].cls.__name__ == "MemorySink"
+
+
+@dataclasses.dataclass
+class Mutable:  # not frozen: unhashable, so Python refuses it as a plain default
+    level: int = setting(1)
+    width: int = setting(2)
+
+
+@dataclasses.dataclass(frozen=True)
+class HoldsMutable:
+    inner: Mutable = setting(Mutable(3, 4))
+
+
+def test_a_nested_settings_default_that_is_not_frozen_is_copied_per_instance() -> None:
+    issues: list[Issue] = []
+    a = build(HoldsMutable, {}, file="f", section="s", issues=issues)
+    b = build(HoldsMutable, {"inner": {"width": 9}}, file="f", section="s", issues=issues)
+    assert issues == []
+    assert a.inner == Mutable(3, 4) and b.inner == Mutable(3, 9)
+    assert a.inner is not HoldsMutable().inner
+    rows = {key: default for key, _, default, _ in describe_schema(HoldsMutable)}
+    assert rows["inner"] == "{level = 3, width = 4}" and rows["inner.width"] == "4"
