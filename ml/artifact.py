@@ -93,6 +93,7 @@ def save_model(model: GaitModel, meta: dict[str, Any], models_dir: str | os.Path
         "version": model.version,
         "candidate": model.candidate,
         "members": [m.name for m in model.members],
+        "window_members": [m.name for m in model.feature_members],  # score feature windows
         "threshold": model.threshold,
         "feature_names": list(model.feature_names),
         "features_version": F.FEATURES_VERSION,

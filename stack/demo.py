@@ -179,7 +179,29 @@ def honest_figures(model_dir: Path, versions: list[str]) -> str:
             bacc = sum(r["balanced_accuracy"] for r in repeats) / len(repeats)
             lines.append(f"  over {len(repeats)} fold assignments: AUC {auc:.3f}, balanced "
                          f"accuracy {bacc:.3f} (mean)")
+        lines.extend(window_subset(card))
     return "\n".join(lines)
+
+
+def window_subset(card: dict) -> list[str]:
+    """The pipeline sends feature windows: when some of the model's members read the
+    raw series instead, the diagnoses above come from the other members only; say
+    so, with their figures on the same folds (a candidate of the model card)."""
+    members, window = card.get("members") or [], card.get("window_members")
+    if window is None or window == members:
+        return []
+    if not window:
+        return ["  this model scores raw rows only: the pipeline's feature windows are refused"]
+    row = next((c for c in card["evaluation"].get("candidates", [])
+                if c.get("members") == "+".join(window)), None)  # fmt: skip
+    text = (f"  the pipeline sends feature windows, which the model scores with "
+            f"{' + '.join(window)} only ({', '.join(m for m in members if m not in window)} "
+            f"read the raw series)")
+    if row is None:
+        return [text]
+    figures = (f"  those members on the same folds ({row['candidate']}): AUC {row['auc']:.3f}, "
+               f"balanced accuracy {row['balanced_accuracy']:.3f} (mean over fold assignments)")
+    return [text, figures]
 
 
 def handler_setting(doc: dict, type_name: str, key: str, default: object) -> object:

@@ -33,3 +33,26 @@ def test_the_in_sample_matrix_points_at_the_cross_validation(tmp_path: Path) -> 
     assert "of v1: AUC 0.936, balanced accuracy 0.855" in text
     assert "over 2 fold assignments: AUC 0.920, balanced accuracy 0.840 (mean)" in text
     assert "unknown" not in text
+
+
+def test_the_summary_names_the_members_that_scored_the_pipeline_windows(tmp_path: Path) -> None:
+    card = {"members": ["logreg_core", "set_svm", "hydra_ridge"],
+            "window_members": ["logreg_core", "set_svm"],
+            "evaluation": {
+                "metrics": [{"slice": "overall", "name": "all", "auc": 0.943,
+                             "balanced_accuracy": 0.872}],
+                "candidates": [
+                    {"candidate": "ensemble_hydra", "members": "logreg_core+set_svm+hydra_ridge",
+                     "auc": 0.930, "balanced_accuracy": 0.859},
+                    {"candidate": "ensemble_set", "members": "logreg_core+set_svm",
+                     "auc": 0.9224, "balanced_accuracy": 0.8426}]}}
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "model.json").write_text(json.dumps(card))
+    text = honest_figures(tmp_path, ["v2"])
+    assert ("the pipeline sends feature windows, which the model scores with "
+            "logreg_core + set_svm only (hydra_ridge read the raw series)") in text
+    assert ("those members on the same folds (ensemble_set): AUC 0.922, balanced accuracy "
+            "0.843 (mean over fold assignments)") in text
+    card["window_members"] = card["members"]  # every member reads windows: nothing to add
+    (tmp_path / "v2" / "model.json").write_text(json.dumps(card))
+    assert "feature windows" not in honest_figures(tmp_path, ["v2"])
