@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
-from .document import apply_overrides, interpolate, read_toml
+from .document import apply_overrides, from_overrides, interpolate, read_toml
 from .log import register_secret
 from .plugins import COMMON_KEYS, PluginError, Registry, UnknownHandlerType
 from .retry import RetryPolicy
@@ -163,7 +163,8 @@ def config_from_dict(doc: Mapping[str, Any], *, file: str = "<settings>",
     """Validate an already parsed document (tests, programmatic pipelines)."""
     registry = registry or Registry()
     issues: list[Issue] = []
-    raw = apply_overrides(_copy(doc), overrides, issues)
+    applied: set[str] = set()
+    raw = apply_overrides(_copy(doc), overrides, issues, applied)
     raw = interpolate(raw, file=file, issues=issues, env=env)
 
     for section in raw:
@@ -199,7 +200,7 @@ def config_from_dict(doc: Mapping[str, Any], *, file: str = "<settings>",
         if config is not None:
             handlers[name] = config
     if issues:
-        raise SettingsError(issues)
+        raise SettingsError(from_overrides(issues, file, applied))
     for h in handlers.values():
         _register_secrets(h.settings)
     _register_secrets(runtime)

@@ -4,6 +4,7 @@ These turn a file into plain tables; ``settings.build`` then types them.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -97,9 +98,10 @@ def interpolate(doc: Any, *, file: str, issues: list[Issue],
     return Text(result) if textual else result
 
 
-def apply_overrides(doc: dict[str, Any], overrides: Iterable[str],
-                    issues: list[Issue]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides; the value is read as TOML, else as text."""
+def apply_overrides(doc: dict[str, Any], overrides: Iterable[str], issues: list[Issue],
+                    applied: set[str] | None = None) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides; the value is read as TOML, else as text.
+    The dotted paths applied are added to ``applied``."""
     for item in overrides:
         dotted, sep, raw = item.partition("=")
         parts = [p.strip() for p in dotted.split(".")]
@@ -121,4 +123,18 @@ def apply_overrides(doc: dict[str, Any], overrides: Iterable[str],
             target = nxt
         else:
             target[parts[-1]] = value
+            if applied is not None:
+                applied.add(".".join(parts))
     return doc
+
+
+def from_overrides(issues: list[Issue], file: str, applied: set[str]) -> list[Issue]:
+    """``issues`` with those about a value that came from ``--set`` saying so."""
+    def overridden(issue: Issue) -> bool:
+        path = ".".join(p for p in (issue.section, issue.key) if p)
+        return issue.file == file and any(
+            path == a or path.startswith((a + ".", a + "["))
+            or (issue.key is not None and a.startswith(path + ".")) for a in applied)
+
+    return [dataclasses.replace(i, file=f"{file} (--set)") if overridden(i) else i
+            for i in issues]

@@ -189,10 +189,16 @@ def test_overrides_are_typed_and_validated(tmp_path: Path) -> None:
                     env={})
     assert sorted(str(i) for i in info.value.issues) == sorted([
         '--set: = "nonsense": malformed override; expected section.key=value',
-        f"{path}: [handlers.src] count = -3: out of range; expected an integer >= 0",
-        (f"{path}: [handlers.src] retry.x = {{\"y\": 1}}: unknown key; expected one of "
+        f"{path} (--set): [handlers.src] count = -3: out of range; expected an integer >= 0",
+        (f"{path} (--set): [handlers.src] retry.x = {{\"y\": 1}}: unknown key; expected one of "
         "max_attempts, backoff, max_backoff, multiplier, jitter"),
     ])
+    # a mistake in the file itself is still the file's
+    with pytest.raises(SettingsError) as info:
+        load_config(write(tmp_path, BASE + SRC + "count = -1\n"), ["handlers.src.forever=true"],
+                    env={})
+    assert [str(i) for i in info.value.issues] == [
+        f"{path}: [handlers.src] count = -1: out of range; expected an integer >= 0"]
 
 
 # -- schemas -------------------------------------------------------------------------------
