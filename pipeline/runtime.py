@@ -37,13 +37,15 @@ class StartError(Exception):
     """A handler could not be constructed or started; the others were closed."""
 
     def __init__(self, handler: str, type_name: str, cause: BaseException,
-                 cleanup_errors: Iterable[str] = (), *, what: str | None = None) -> None:
+                 cleanup_errors: Iterable[str] = (), *, what: str | None = None,
+                 phase: str = "start") -> None:  # fmt: skip
         self.handler, self.cause = handler, cause
         self.cleanup_errors = list(cleanup_errors)
         what = what or f"handler {handler!r} ({type_name})"
-        text = f"{what} failed to start: {error_text(cause)}"
+        failed = "could not be constructed" if phase == "construct" else "failed to start"
+        text = f"{what} {failed}: {error_text(cause)}"
         if isinstance(cause, TimeoutError) and not str(cause):
-            text = f"{what} failed to start: timed out"
+            text = f"{what} {failed}: timed out"
         for err in self.cleanup_errors:
             text += f"\n  while closing the others: {err}"
         super().__init__(scrub(text))
@@ -74,7 +76,7 @@ class Runtime:
             try:
                 instances[name] = h.cls(name, h.settings)
             except Exception as exc:
-                raise StartError(name, h.type, exc) from exc
+                raise StartError(name, h.type, exc, phase="construct") from exc
         # frozen: the set of handlers never changes once built
         self.handlers: Mapping[str, Handler] = types.MappingProxyType(instances)
         self.state = "created"

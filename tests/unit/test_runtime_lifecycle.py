@@ -146,8 +146,9 @@ async def test_constructor_failure_names_the_handler(make_runtime) -> None:
     original = runtime_fakes.GateSink.__init__
     runtime_fakes.GateSink.__init__ = broken  # type: ignore[method-assign]
     try:
-        with pytest.raises(StartError, match=r"handler 'bad' \(runtime_fakes:GateSink\) failed "
-                                             r"to start: ZeroDivisionError: division by zero"):
+        with pytest.raises(StartError, match=r"handler 'bad' \(runtime_fakes:GateSink\) could "
+                                             r"not be constructed: ZeroDivisionError: division by "
+                                             r"zero"):
             make_runtime({"src": {"type": "memory_source", "outputs": ["bad"]},
                           "bad": {"type": f"{FAKES}:GateSink"}})
     finally:
@@ -167,3 +168,4 @@ async def test_stop_during_a_slow_start_cancels_it(make_runtime, probe_events) -
     assert probe_events == [("start", "dlq"), ("start", "a"), ("start", "b"),
                             ("close", "a"), ("close", "dlq")]
     assert rt.phase["b"] == "cancelled" and rt.phase["src"] == "created"
+
