@@ -289,11 +289,11 @@ def _summary_columns(spec: MemberSpec) -> np.ndarray | None:
 
 def fit_member(name: str, x: np.ndarray | Sequence[np.ndarray], y: np.ndarray,
                folds: Sequence[tuple[np.ndarray, np.ndarray]], seed: int = 0,
-               rocket: MiniRocket | Hydra | None = None) -> Member:  # fmt: skip
+               transform: MiniRocket | Hydra | None = None) -> Member:  # fmt: skip
     """Fit and calibrate base member ``name`` on recordings ``x``, taken as
     :meth:`Member.proba` takes them (all aggregated columns, rocket or hydra
     features, or a set member's window-feature matrices); ``folds`` (positions in
-    ``x``, by subject) are the calibration folds. ``rocket`` is the fitted series
+    ``x``, by subject) are the calibration folds. ``transform`` is the fitted series
     transform (MiniRocket or Hydra) a series member's features came from."""
     spec = MEMBERS[name]
     if spec.kind == "set":
@@ -302,8 +302,8 @@ def fit_member(name: str, x: np.ndarray | Sequence[np.ndarray], y: np.ndarray,
     est = calibrated(make_estimator(spec.estimator, seed), folds)
     est.fit(_member_matrix(np.asarray(x), columns), y)
     return Member(name, spec.kind, est, columns=columns,
-                  rocket=rocket if spec.kind == "rocket" else None,  # type: ignore[arg-type]
-                  hydra=rocket if spec.kind == "hydra" else None)  # type: ignore[arg-type]
+                  rocket=transform if spec.kind == "rocket" else None,  # type: ignore[arg-type]
+                  hydra=transform if spec.kind == "hydra" else None)  # type: ignore[arg-type]
 
 
 def member_oof_scores(name: str, x: np.ndarray | Sequence[np.ndarray], y: np.ndarray,

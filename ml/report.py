@@ -131,9 +131,10 @@ def _errors_md(preds: pd.DataFrame, top: int = 10) -> str:
     return "\n".join(lines)
 
 
-def _inputs_md(model: Any, cand_table: pd.DataFrame) -> str:
+def _inputs_md(model: Any, subset: dict[str, Any] | None) -> str:
     """Which members score raw rows and which score feature windows, with the CV
-    figures of the window-only subset when it was scored as a candidate."""
+    figures of the window-only subset (``evaluation.window_subset``) when it was
+    scored as a candidate."""
     series = [m.name for m in model.members if m.name not in {f.name for f in model.feature_members}]
     if not series:
         return "Raw rows and feature windows are scored by every member."
@@ -141,12 +142,10 @@ def _inputs_md(model: Any, cand_table: pd.DataFrame) -> str:
     if not window:
         return (f"Only raw rows can be scored ({', '.join(series)} read the sensor series); "
                 "feature windows are refused.")
-    subset = cand_table[cand_table.members == "+".join(window)]
     figures = ""
-    if len(subset):
-        r = subset.iloc[0]
-        figures = (f": the candidate `{r['candidate']}` below, AUC {r['auc']:.3f} and balanced "
-                   f"accuracy {r['balanced_accuracy']:.3f} on the same folds")
+    if subset and subset.get("candidate"):
+        figures = (f": the candidate `{subset['candidate']}` below, AUC {subset['auc']:.3f} and "
+                   f"balanced accuracy {subset['balanced_accuracy']:.3f} on the same folds")
     return (f"Raw rows are scored by every member; feature windows (what the pipeline's "
             f"Spark job sends to `model_call`) by {', '.join(window)} only{figures}, since "
             f"{', '.join(series)} {'reads' if len(series) == 1 else 'read'} the sensor series.")
@@ -227,7 +226,7 @@ study ({" / ".join(studies)}; AUC, balanced accuracy), mean over repeats: {means
 {rows}
 """
     members = ", ".join(m.name for m in model.members)
-    inputs_md = _inputs_md(model, cand_table)
+    inputs_md = _inputs_md(model, ev.get("window_subset"))
     if fixed:
         model_line = (f"Model: **{model.candidate}** (members: {members}), fixed before the\n"
                       "  cross-validation (nothing is selected inside it); the other candidates\n"

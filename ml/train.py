@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,9 @@ class Dataset:
     data_hash: str
     window_s: float
     step_s: float
+    # the Hydra transform and every recording's mean Hydra features, once computed
+    _hydra: tuple[Hydra, np.ndarray] | None = field(default=None, init=False, repr=False,
+                                                    compare=False)  # fmt: skip
 
     def __post_init__(self) -> None:
         extra = set(self.meta.columns) - set(META_COLUMNS)
@@ -107,16 +110,15 @@ class Dataset:
     def hydra_features(self, jobs: int = 2) -> tuple[Hydra, np.ndarray]:
         """The Hydra transform (:func:`ml.model.make_hydra`) and every recording's mean
         Hydra features, computed on first use."""
-        cached = self.__dict__.get("_hydra")
-        if cached is None:
+        if self._hydra is None:
             if self.series is None:
                 raise ValueError("a hydra member needs the sensor series (load them)")
             hydra = make_hydra().fit(foot_totals(self.series[0][:1]))
             t0 = time.perf_counter()
-            cached = self.__dict__["_hydra"] = (hydra, hydra_transform(hydra, self.series, jobs))
+            self._hydra = (hydra, hydra_transform(hydra, self.series, jobs))
             log(f"  hydra features of {sum(len(s) for s in self.series)} windows "
                 f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
-        return cached
+        return self._hydra
 
     def bags(self) -> np.ndarray:
         """Each recording's window features, as a 1-d object array (index it by rows)."""
@@ -251,12 +253,6 @@ class Inputs:
         kind = MEMBERS[member].kind
         return self.rocket if kind == "rocket" else self.hydra if kind == "hydra" else None
 
-    def add_hydra(self, ds: Dataset, jobs: int) -> None:
-        """Hydra features of every recording: the kernels are random, not fitted to
-        data, so one transform (the one the model ships) serves every fold and
-        every repeat; it is computed once per dataset."""
-        self.hydra, self.hy = ds.hydra_features(jobs)
-
 
 def _local_folds(folds: Sequence[tuple[np.ndarray, np.ndarray]],
                  rows: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:  # fmt: skip
@@ -326,7 +322,7 @@ def nested_cv(ds: Dataset, *, folds: int = 5, inner_folds: int = 4, seed: int = 
         kinds -= set(SERIES_KINDS)
     use_rocket = "rocket" in kinds
     if "hydra" in kinds:
-        inputs.add_hydra(ds, jobs)
+        inputs.hydra, inputs.hy = ds.hydra_features(jobs)
     n = len(meta)
     res = CVResult(np.full(n, np.nan), np.full(n, np.nan), np.full(n, -1), [], [],
                    {c: np.full(n, np.nan) for c in candidates}, [])  # fmt: skip
@@ -369,7 +365,7 @@ def fit_final(ds: Dataset, candidate: str, *, inner_folds: int = 4, seed: int = 
         assert ds.series is not None
         inputs.rocket, inputs.rk = rocket_fit_transform(ds.series, everyone, seed, jobs)
     if any(MEMBERS[m].kind == "hydra" for m in names):
-        inputs.add_hydra(ds, jobs)
+        inputs.hydra, inputs.hy = ds.hydra_features(jobs)
     members = fit_members(meta, inputs, everyone, names, inner_folds, seed + 2)
     return GaitModel(
         version=version,
@@ -485,6 +481,16 @@ def _overall(meta: pd.DataFrame, run: CVResult, seed: int) -> dict[str, Any]:
     studies = meta.study.to_numpy()
     return {"seed": seed, **figures(np.ones(len(y), dtype=bool)), "chosen": run.chosen,
             "per_study": {str(s): figures(studies == s) for s in sorted(set(studies))}}  # fmt: skip
+
+
+def _window_subset(model: GaitModel, cand_rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The candidate made of the members that score feature windows, when that is not
+    the whole model (series members): its CV figures are what the pipeline gets."""
+    window = "+".join(m.name for m in model.feature_members)
+    if len(model.feature_members) == len(model.members):
+        return None
+    return next((r for r in cand_rows if r["members"] == window),
+                {"candidate": None, "members": window})  # fmt: skip
 
 
 def train(data_dir: str | Path, out_dir: str | Path, *, folds: int = 5, inner_folds: int = 4,
@@ -608,6 +614,7 @@ def train(data_dir: str | Path, out_dir: str | Path, *, folds: int = 5, inner_fo
             "metrics": table.to_dict(orient="records"),
             "subject_level": subject_level,
             "candidates": cand_table.to_dict(orient="records"),
+            "window_subset": _window_subset(gait_model, cand_rows),
             "chosen_per_fold": cv.chosen,
             "repeats": repeat_rows,
             "leaky": leak,

@@ -241,9 +241,10 @@ def _handler(name: str, table: Mapping[str, Any], file: str, registry: Registry,
                                 f"{exc}"))
     elif "type" not in table:  # a misspelt "type" is the likely cause: name it
         for key in table:
-            if key not in COMMON_KEYS and suggest(key, ("type",)):
+            hint = suggest(key, ("type",)) if key not in COMMON_KEYS else ""
+            if hint:
                 issues.append(Issue(file, section, key, table[key], "type = \"...\"",
-                                    f"unknown key{suggest(key, ('type',))}"))
+                                    f"unknown key{hint}"))
     own_fields = dataclasses.fields(cls.Settings) if cls is not None else ()
     own = {f.name for f in own_fields}
     if cls is not None:

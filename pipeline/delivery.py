@@ -21,6 +21,7 @@ from .handler import (
     Reject,
     Sink,
     call_output,
+    count_output,
     current_parent,
 )
 from .log import error_text
@@ -127,9 +128,7 @@ class HandlerContext:
         merged = {**(base.meta if base is not None else {}), **(meta or {})}
         batch = Batch(table, source=self.name, key=key, meta=types.MappingProxyType(merged),
                       created=base.created if base is not None else time.monotonic(), _ack=node)
-        produced = call_output.get()
-        if produced is not None:
-            produced[0] += 1
+        count_output()
         await self._send(self.senders.get(output, ()), batch)
         self.metrics.out(output, table.num_rows)
 
@@ -137,9 +136,7 @@ class HandlerContext:
                           error: BaseException | None, attempts: int,
                           parents: Sequence[Batch | Deferred] | None, token: Any) -> None:
         node, parent, _ = self._lineage(parents, token)
-        produced = call_output.get()
-        if produced is not None:
-            produced[0] += 1
+        count_output()
         if self.dead_letter_sender is None:
             problem = RuntimeError(f"handler {self.name!r} has no dead-letter target "
                                    f"(dead-lettering: {reason})")

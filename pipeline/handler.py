@@ -55,6 +55,13 @@ call_output: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
 _INHERIT: Any = object()
 
 
+def count_output() -> None:
+    """One more batch emitted, deferred or dead-lettered by the current processor call."""
+    produced = call_output.get()
+    if produced is not None:
+        produced[0] += 1
+
+
 class Reject(Exception):
     """Permanent failure: never retried; the rows go straight to dead letter.
 
@@ -203,9 +210,7 @@ class Deferred:
         handler._deferred_open += 1
         if batch._ack is not None:
             batch._ack.retain()
-        produced = call_output.get()
-        if produced is not None:
-            produced[0] += 1
+        count_output()
 
     @property
     def pending(self) -> bool:

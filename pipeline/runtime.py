@@ -415,25 +415,27 @@ class Runtime:
             log.info("drain.started", reason=self.stopped_by or "sources exhausted",
                      timeout_s=self.settings.drain_timeout)
             t0 = time.monotonic()
-            # where the batches are, just before the timeout (if any) cancels the handlers
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.settings.drain_timeout
-            holding: dict[str, str] = {}
-            snapshot = loop.call_at(deadline - 0.001, lambda: holding.update(self._holding()))
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await asyncio.gather(*intake, *consumers, return_exceptions=True)
-                    for tracker in self._trackers.values():
-                        await tracker.wait_settled()
+
+            async def settle() -> None:
+                await asyncio.gather(*intake, *consumers, return_exceptions=True)
+                for tracker in self._trackers.values():
+                    await tracker.wait_settled()
+
+            settling = asyncio.ensure_future(settle())
+            # asyncio.wait does not cancel on timeout: the handlers still hold what they held
+            done, _ = await asyncio.wait([settling], timeout=self.settings.drain_timeout)
+            if done:
+                await settling
                 log.info("drain.done", elapsed_ms=round((time.monotonic() - t0) * 1000, 1))
-            except TimeoutError:
+            else:
                 drained = False
                 in_flight = {n: t.pending for n, t in self._trackers.items() if t.pending}
                 log.warning("drain.timeout", timeout_s=self.settings.drain_timeout,
-                            unacked=in_flight, holding=holding)
+                            unacked=in_flight, holding=self._holding())
+                settling.cancel()
                 for task in consumers:
                     task.cancel()
-            snapshot.cancel()
+                await asyncio.gather(settling, return_exceptions=True)
             for tracker in self._trackers.values():
                 tracker.close()
             await asyncio.gather(*committers)

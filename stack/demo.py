@@ -186,18 +186,17 @@ def honest_figures(model_dir: Path, versions: list[str]) -> str:
 def window_subset(card: dict) -> list[str]:
     """The pipeline sends feature windows: when some of the model's members read the
     raw series instead, the diagnoses above come from the other members only; say
-    so, with their figures on the same folds (a candidate of the model card)."""
+    so, with their figures on the same folds (``evaluation.window_subset``)."""
     members, window = card.get("members") or [], card.get("window_members")
     if window is None or window == members:
         return []
     if not window:
         return ["  this model scores raw rows only: the pipeline's feature windows are refused"]
-    row = next((c for c in card["evaluation"].get("candidates", [])
-                if c.get("members") == "+".join(window)), None)  # fmt: skip
+    row = card["evaluation"].get("window_subset") or {}
     text = (f"  the pipeline sends feature windows, which the model scores with "
             f"{' + '.join(window)} only ({', '.join(m for m in members if m not in window)} "
             f"read the raw series)")
-    if row is None:
+    if not row.get("candidate"):
         return [text]
     figures = (f"  those members on the same folds ({row['candidate']}): AUC {row['auc']:.3f}, "
                f"balanced accuracy {row['balanced_accuracy']:.3f} (mean over fold assignments)")

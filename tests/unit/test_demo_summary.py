@@ -41,11 +41,8 @@ def test_the_summary_names_the_members_that_scored_the_pipeline_windows(tmp_path
             "evaluation": {
                 "metrics": [{"slice": "overall", "name": "all", "auc": 0.943,
                              "balanced_accuracy": 0.872}],
-                "candidates": [
-                    {"candidate": "ensemble_hydra", "members": "logreg_core+set_svm+hydra_ridge",
-                     "auc": 0.930, "balanced_accuracy": 0.859},
-                    {"candidate": "ensemble_set", "members": "logreg_core+set_svm",
-                     "auc": 0.9224, "balanced_accuracy": 0.8426}]}}
+                "window_subset": {"candidate": "ensemble_set", "members": "logreg_core+set_svm",
+                                  "auc": 0.9224, "balanced_accuracy": 0.8426}}}
     (tmp_path / "v2").mkdir()
     (tmp_path / "v2" / "model.json").write_text(json.dumps(card))
     text = honest_figures(tmp_path, ["v2"])

@@ -381,3 +381,15 @@ def test_a_hydra_model_scores_raw_rows_with_every_member_and_windows_without_hyd
     x = hydra.series_features(series)
     p_hydra = hydra.proba(x.mean(axis=0, keepdims=True))[0]
     assert by_rows.probability == pytest.approx((2 * by_windows.probability + p_hydra) / 3)
+
+
+def test_the_artifact_says_which_members_score_feature_windows(trained: Path) -> None:
+    meta = json.loads((trained / "model.json").read_text())
+    assert meta["members"] == ["logreg_core", "set_svm", "hydra_ridge"]
+    assert meta["window_members"] == ["logreg_core", "set_svm"]
+    # ensemble_set was not among this run's candidates: no figures to give for the subset
+    assert meta["evaluation"]["window_subset"] == {"candidate": None,
+                                                   "members": "logreg_core+set_svm"}
+    card = (trained / "MODEL_CARD.md").read_text()
+    assert "feature windows (what the pipeline's Spark job sends to `model_call`) by " \
+           "logreg_core, set_svm only, since hydra_ridge reads the sensor series" in card
